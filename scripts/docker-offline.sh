@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Docker for tinytale on a Debian host with no engine, no image registry and no TLS to PyPI
+# from inside containers (CI, air-gapped machines). Online users do not need this script:
+# `docker compose up` builds everything from the official images and PyPI.
+#
+# Usage (as root, or a user allowed to sudo):
+#   eval "$(scripts/docker-offline.sh)"   # every step below, then print the variables compose needs
+#   docker compose up                      # builds from the local base image and the wheelhouse
+#
+#   scripts/docker-offline.sh STEP...      # run only some steps: engine compose base wheels env
+#
+# Steps (each one idempotent; a step whose result already exists is skipped):
+#   engine   apt-get install docker.io + debootstrap; start dockerd in the background if
+#            `docker info` does not answer (log: $TINYTALE_DOCKERD_LOG).
+#   compose  the compose v2 plugin from Debian trixie's `docker-compose` package, fetched with a
+#            throw-away apt configuration (the host's apt sources are not changed).
+#   base     a Debian bookworm image with python3 + venv, made by debootstrap and `docker import`,
+#            tagged $TINYTALE_BASE_IMAGE (skipped when that tag exists).
+#   wheels   docker/wheels/: every wheel the images install (torch CPU, the pinned trainer and
+#            server requirements, the build backend), re-downloaded only when
+#            docker/requirements-*.txt change. The images read it as build context.
+#   env      print `export ...` lines for compose (stdout); everything else goes to stderr.
+#
+# Environment: CI=true turns a missing engine into a loud failure (it is one anyway: every failure
+# exits non-zero). TINYTALE_BASE_IMAGE (default tinytale-base:bookworm) names the base image,
+# TINYTALE_DEBIAN_MIRROR (default: the host's Debian mirror) is used by debootstrap and the
+# compose download.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+base_image=${TINYTALE_BASE_IMAGE:-tinytale-base:bookworm}
+dockerd_log=${TINYTALE_DOCKERD_LOG:-/var/log/tinytale-dockerd.log}
+wheel_dir=$repo/docker/wheels
+python_version=3.11
+torch_cpu_index=${TINYTALE_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+
+log() { printf '[docker-offline] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# Run one step and report how long it took (the numbers are what CI logs show).
+timed() {
+    local start=$SECONDS
+    "$@"
+    log "$1: done in $((SECONDS - start)) s"
+}
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else die "'$*' needs root and sudo is not installed"
+    fi
+}
+
+debian_mirror() {
+    if [ -n "${TINYTALE_DEBIAN_MIRROR:-}" ]; then echo "$TINYTALE_DEBIAN_MIRROR"; return; fi
+    local uri
+    # The first Debian archive in the host's apt sources (deb822 `URIs:` or one-line `deb`).
+    uri=$(grep -hE '^[[:space:]]*(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/* \
+        2>/dev/null | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -n1 | tr -d ' ' || true)
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+step_engine() {
+    if docker info >/dev/null 2>&1; then log "engine: a Docker engine answers"; return; fi
+    if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
+        command -v apt-get >/dev/null || die "no Docker engine and no apt-get to install one"
+        log "engine: installing docker.io and debootstrap with apt-get"
+        as_root apt-get update -qq >/dev/null
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap \
+            >/dev/null
+    fi
+    if ! docker info >/dev/null 2>&1; then
+        log "engine: starting dockerd (log: $dockerd_log)"
+        as_root setsid sh -c "exec dockerd >>'$dockerd_log' 2>&1" </dev/null &
+        for _ in $(seq 60); do
+            docker info >/dev/null 2>&1 && break
+            sleep 1
+        done
+    fi
+    if ! docker info >/dev/null 2>&1; then
+        tail -n 20 "$dockerd_log" >&2 || true
+        die "dockerd did not answer within 60 s; see $dockerd_log"
+    fi
+    log "engine: $(docker version --format 'server {{.Server.Version}}')"
+}
+
+step_compose() {
+    if docker compose version >/dev/null 2>&1; then
+        log "compose: $(docker compose version --short) already installed"; return
+    fi
+    local tmp plugins
+    tmp=$(mktemp -d)
+    mkdir -p "$tmp/lists/partial" "$tmp/archives/partial"
+    cat >"$tmp/sources.list" <<EOF
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $(debian_mirror) trixie main
+EOF
+    local apt_opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache::Archives=$tmp/archives"
+        -o APT::Sandbox::User=root)
+    log "compose: fetching docker-compose v2 from Debian trixie (host apt config untouched)"
+    apt-get "${apt_opts[@]}" update -qq >&2
+    (cd "$tmp" && apt-get "${apt_opts[@]}" download docker-compose >&2)
+    dpkg -x "$tmp"/docker-compose_*.deb "$tmp/pkg"
+    plugins=${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins
+    mkdir -p "$plugins"
+    install -m 0755 "$tmp/pkg/usr/libexec/docker/cli-plugins/docker-compose" "$plugins/"
+    rm -rf "$tmp"
+    log "compose: $(docker compose version --short) installed in $plugins"
+}
+
+step_base() {
+    if docker image inspect "$base_image" >/dev/null 2>&1; then
+        log "base: $base_image exists"; return
+    fi
+    command -v debootstrap >/dev/null || die "debootstrap is missing; run the engine step first"
+    local rootfs
+    rootfs=$(mktemp -d)
+    log "base: debootstrap bookworm into $rootfs"
+    as_root debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$rootfs" "$(debian_mirror)" >&2
+    as_root rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    as_root tar -C "$rootfs" -c . | docker import -c 'ENV LANG=C.UTF-8' -c 'CMD ["python3"]' \
+        - "$base_image" >/dev/null
+    as_root rm -rf "$rootfs"
+    log "base: $base_image is $(docker image inspect -f '{{.Size}}' "$base_image") bytes"
+}
+
+step_wheels() {
+    local reqs=("$repo"/docker/requirements-*.txt) key
+    key=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$wheel_dir/.key" 2>/dev/null)" = "$key" ]; then
+        log "wheels: $wheel_dir is up to date"; return
+    fi
+    python3 -m pip --version >/dev/null 2>&1 || die "python3 -m pip is needed for the wheelhouse"
+    rm -f "$wheel_dir"/*.whl "$wheel_dir/.key"
+    log "wheels: downloading into $wheel_dir"
+    # Wheels for the images (Linux, CPython 3.11, this machine's architecture), not the host.
+    local arch target=()
+    arch=$(uname -m)
+    target=(--only-binary=:all: --python-version "$python_version" --implementation cp
+        --platform "manylinux_2_28_$arch" --platform "manylinux2014_$arch" --platform "linux_$arch")
+    # torch from the PyTorch CPU index (PyPI's Linux torch is the multi-GB CUDA build); its
+    # dependencies are pinned in requirements-trainer.txt and come from PyPI below.
+    pip_download --no-deps --retries 1 --index-url "$torch_cpu_index" \
+        -r "$repo/docker/requirements-torch.txt" "${target[@]}"
+    ls "$wheel_dir"/torch-*+cpu-*.whl >/dev/null 2>&1 \
+        || die "no CPU build of torch was downloaded (is $torch_cpu_index reachable?)"
+    local args=()
+    for r in "${reqs[@]}"; do
+        [ "$r" = "$repo/docker/requirements-torch.txt" ] || args+=(-r "$r")
+    done
+    pip_download "${args[@]}" "${target[@]}"
+    echo "$key" >"$wheel_dir/.key"
+    log "wheels: $(find "$wheel_dir" -name '*.whl' | wc -l) wheels, $(du -sh "$wheel_dir" | cut -f1)"
+}
+
+pip_download() {
+    # Drop the warnings of pip configurations that list missing local indexes; keep the rest.
+    python3 -m pip download --quiet --dest "$wheel_dir" "$@" 2>&1 \
+        | { grep -v 'is ignored: it is neither a file nor a directory' || true; } >&2
+}
+
+step_env() {
+    # What compose.yaml reads for its build arguments (see the `args:` there).
+    echo "export TINYTALE_BASE_IMAGE=$base_image"
+    echo "export TINYTALE_WHEELHOUSE=/wheels"
+}
+
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(engine compose base wheels env)
+for s in "${steps[@]}"; do
+    case $s in
+        engine | compose | base | wheels) timed "step_$s" ;;
+        env) step_env ;;
+        *) die "unknown step '$s' (steps: engine compose base wheels env)" ;;
+    esac
+done

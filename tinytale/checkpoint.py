@@ -1,0 +1,128 @@
+"""Atomic save and safe load of the full training state.
+
+A checkpoint is a plain dict of tensors and primitives written with `torch.save` to a
+temporary file in the same folder, fsynced, then renamed over the target, so a crash at
+any moment leaves either the old or the new file, never half of one. `last.pt` keeps its
+predecessor as `last.prev.pt`, so `--resume auto` has a fallback if the newest one is
+damaged. Loading uses `weights_only=True`: no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinytale.errors import UserError
+
+FORMAT_VERSION = 1
+BEST = "best.pt"
+LAST = "last.pt"
+LAST_PREV = "last.prev.pt"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, truncated or not ours; the message names the file."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool = False) -> Path:
+    """Write `state` to `path` atomically; with keep_previous the old file becomes `*.prev.pt`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; check the path.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, wrong format, unsafe pickle: all user-facing
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint '{path}' cannot be loaded ({reason}); it is damaged or not a tinytale "
+            "checkpoint, so use another one (e.g. last.prev.pt) or retrain."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "model" not in state:
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a tinytale checkpoint (format "
+            f"{state.get('format') if isinstance(state, dict) else '?'}); use one written by "
+            "`tinytale train`."
+        )
+    return state
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG that affects training, in a form `weights_only` loading accepts."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_resumable(folder: str | Path) -> Path | None:
+    """The newest loadable last checkpoint of an unfinished run under `folder`, if any.
+
+    Looks at `last.pt` then `last.prev.pt` in `folder` and its run subfolders, newest
+    first; a damaged file is skipped in favour of the previous good one.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    candidates = [p for name in (LAST, LAST_PREV) for p in folder.rglob(name)]
+    candidates.sort(key=lambda p: (p.stat().st_mtime, p.name == LAST), reverse=True)
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        if not state.get("finished", False):
+            return path
+        # The newest run finished: `auto` means a fresh start, not reviving an older run.
+        return None
+    return None

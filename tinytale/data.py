@@ -1,0 +1,166 @@
+"""Stories -> token windows -> batches. Knows nothing of models, training or tracking.
+
+The split is by story (validation text never appears in training). Each split is one
+token stream (stories joined by the end-of-story token) cut into windows of
+`block_size + 1` tokens: inputs are the first `block_size`, targets the last `block_size`.
+An epoch is one pass over the training windows in an order fixed by `(seed, epoch)`,
+so a run resumed mid-epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tinytale.errors import UserError
+from tinytale.tokenizer import Tokenizer
+
+
+class DataError(UserError):
+    """The corpus cannot feed the configured model (too small, empty split, ...)."""
+
+
+def split_stories(
+    stories: Sequence[str], val_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Deterministic split by story: the same stories, seed and fraction give the same split."""
+    order = list(range(len(stories)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(stories) * val_fraction))
+    if n_val >= len(stories):
+        raise DataError(
+            f"the corpus has {len(stories)} stories, too few to hold out {n_val} for validation "
+            f"and still train; add stories or lower data.val_fraction (now {val_fraction})."
+        )
+    val = [stories[i] for i in sorted(order[:n_val])]
+    train = [stories[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def encode_stories(tokenizer: Tokenizer, stories: Sequence[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for story in stories:
+        ids.extend(tokenizer.encode(story))
+        ids.append(tokenizer.eos_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class TokenWindows(Dataset):
+    """Windows of `block_size + 1` tokens over one token stream, every `stride` tokens.
+
+    The windows are a strided view (`unfold`), so a batch is one indexing op, not a Python
+    loop over samples (`__getitems__` is what DataLoader calls for a whole batch).
+    """
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, stride: int):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.stride = stride
+        if len(tokens) < block_size + 1:
+            self.windows = tokens.new_empty((0, block_size + 1))
+        else:
+            self.windows = tokens.unfold(0, block_size + 1, stride)
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window = self.windows[index]
+        return window[:-1], window[1:]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.windows[torch.as_tensor(indices, dtype=torch.long)]
+        return batch[:, :-1], batch[:, 1:]
+
+
+def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch  # __getitems__ already returns stacked tensors
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Shuffled full batches of one epoch, starting at batch `start`; order from (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+
+    def __len__(self) -> int:
+        return max(0, self.n // self.batch_size - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator)
+        for b in range(self.start, self.n // self.batch_size):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+
+def train_loader(
+    windows: TokenWindows, batch_size: int, seed: int, epoch: int, start: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The epoch's training batches (drop-last, so every micro-batch has the same size)."""
+    sampler = EpochBatches(len(windows), batch_size, seed, epoch, start)
+    return DataLoader(windows, batch_sampler=sampler, collate_fn=_whole_batch,
+                      pin_memory=pin_memory)
+
+
+def eval_loader(windows: TokenWindows, batch_size: int) -> DataLoader:
+    """All validation windows in order; the last batch may be smaller."""
+    return DataLoader(windows, batch_size=batch_size, shuffle=False, collate_fn=_whole_batch)
+
+
+@dataclass
+class DataBundle:
+    tokenizer: Tokenizer
+    train: TokenWindows
+    val: TokenWindows
+    n_train_stories: int
+    n_val_stories: int
+
+    def describe(self) -> dict[str, int]:
+        return {
+            "vocab_size": self.tokenizer.vocab_size,
+            "train_stories": self.n_train_stories,
+            "val_stories": self.n_val_stories,
+            "train_tokens": len(self.train.tokens),
+            "val_tokens": len(self.val.tokens),
+            "train_windows": len(self.train),
+            "val_windows": len(self.val),
+        }
+
+
+def build_data(
+    stories: Sequence[str],
+    tokenizer: Tokenizer,
+    block_size: int,
+    val_fraction: float,
+    seed: int,
+    train_fraction: float = 1.0,
+    stride: int | None = None,
+    batch_size: int = 1,
+    grad_accum_steps: int = 1,
+) -> DataBundle:
+    train_stories, val_stories = split_stories(stories, val_fraction, seed)
+    if train_fraction < 1.0:
+        train_stories = train_stories[: max(1, math.ceil(len(train_stories) * train_fraction))]
+    train = TokenWindows(encode_stories(tokenizer, train_stories), block_size,
+                         stride or block_size)
+    val = TokenWindows(encode_stories(tokenizer, val_stories), block_size, block_size)
+    needed = batch_size * grad_accum_steps
+    if len(train) < needed:
+        raise DataError(
+            f"the training split has {len(train.tokens)} tokens, giving {len(train)} windows of "
+            f"{block_size + 1} tokens, fewer than one optimizer step needs "
+            f"(train.batch_size x train.grad_accum_steps = {needed}); use a larger corpus, "
+            "a smaller model.block_size or a smaller batch."
+        )
+    if len(val) < 1:
+        raise DataError(
+            f"the validation split has {len(val.tokens)} tokens, fewer than one window of "
+            f"{block_size + 1}; raise data.val_fraction or lower model.block_size."
+        )
+    return DataBundle(tokenizer, train, val, len(train_stories), len(val_stories))

@@ -1,0 +1,222 @@
+"""Builds a training run from a Config and carries it through: the glue between CLI and fit().
+
+Data flows one way: config -> corpus -> tokenizer -> data -> model -> fit(tracker).
+This module also knows how to rebuild a model + tokenizer from a checkpoint for sampling.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tinytale
+from tinytale.checkpoint import CheckpointError, find_resumable, load_checkpoint
+from tinytale.config import Config
+from tinytale.corpus import load_corpus
+from tinytale.data import DataBundle, build_data
+from tinytale.errors import UserError
+from tinytale.model import GPT, GPTConfig
+from tinytale.sample import generate
+from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
+from tinytale.tracking import RunInfo, Tracker
+from tinytale.train import FitResult, StopRequest, fit, resolve_device
+
+
+def run_name_of(config: Config) -> str:
+    return config.tracking.run_name or "lesson"
+
+
+def build_model(config: Config, vocab_size: int) -> GPT:
+    m = config.model
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+                         n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias))
+
+
+def prepare_data(config: Config, tokenizer: Tokenizer | None = None) -> DataBundle:
+    """Corpus -> split -> tokenizer (trained on the corpus unless given) -> windows."""
+    d = config.data
+    stories = load_corpus(d.corpus, d.n_stories, d.seed)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(d.tokenizer, stories, d.bpe_vocab_size)
+    return build_data(
+        stories, tokenizer, config.model.block_size, d.val_fraction, d.seed,
+        train_fraction=d.train_fraction, stride=d.stride,
+        batch_size=config.train.batch_size, grad_accum_steps=config.train.grad_accum_steps,
+    )
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree tinytale runs from, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(tinytale.__file__).parent,
+            capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_tags(config: Config, device: torch.device, extra: dict[str, str] | None = None
+             ) -> dict[str, str]:
+    tags = {
+        "tinytale.version": tinytale.__version__,
+        "torch.version": torch.__version__,
+        "config_hash": config.hash(),
+        "corpus": config.data.corpus,
+        "tokenizer": config.data.tokenizer,
+        "device": str(device),
+    }
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    tags.update(extra or {})
+    return tags
+
+
+def resolve_resume(resume: str | None, out_dir: Path, run_name: str) -> Path | None:
+    """`auto` -> newest unfinished checkpoint (or None), a path -> itself, else a run id."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return find_resumable(out_dir / run_name)
+    path = Path(resume)
+    if path.is_dir():
+        found = find_resumable(path)
+        if found is None:
+            raise CheckpointError(f"--resume '{path}' holds no unfinished checkpoint; "
+                                  "start a fresh run instead.")
+        return found
+    if path.suffix == ".pt" or path.exists():
+        return path
+    # A run id: find the checkpoint that run wrote under the out dir.
+    for candidate in sorted(out_dir.rglob("last.pt"), key=os.path.getmtime, reverse=True):
+        try:
+            if load_checkpoint(candidate).get("run_id") == resume:
+                return candidate
+        except CheckpointError:
+            continue
+    raise UserError(f"--resume '{resume}' is not a checkpoint file and no checkpoint under "
+                    f"'{out_dir}' belongs to a run with that id; pass auto, a .pt file or a "
+                    "run id trained with this --out folder.")
+
+
+@dataclass
+class RunOutcome:
+    fit: FitResult
+    summary: dict[str, Any]
+
+
+def train_run(
+    config: Config,
+    out_dir: Path,
+    tracker: Tracker,
+    resume: str | None = None,
+    stop: StopRequest | None = None,
+    extra_tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> RunOutcome:
+    """Train one run end to end: data, model, tracked fit, samples and best-model publishing."""
+    stop = stop or StopRequest()
+    run_name = run_name_of(config)
+    resume_path = resolve_resume(resume, out_dir, run_name)
+    resume_state = load_checkpoint(resume_path) if resume_path else None
+    tokenizer = None
+    if resume_state is not None:
+        # The run continues with the config and tokenizer it started with.
+        config = Config.from_dict(resume_state["config"], f"checkpoint '{resume_path}'")
+        tokenizer = tokenizer_from_dict(resume_state["tokenizer"])
+        run_dir = resume_path.parent
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        run_dir = out_dir / run_name / stamp
+
+    device = resolve_device(config.train.device)
+    data = prepare_data(config, tokenizer)
+    model = build_model(config, data.tokenizer.vocab_size)
+    info = RunInfo(
+        experiment=config.tracking.experiment,
+        run_name=run_name,
+        params={**config.flat(), "model.num_params": model.num_params(), **data.describe()},
+        tags=run_tags(config, device, extra_tags),
+        config_yaml=config.to_yaml(),
+        resume_run_id=resume_state.get("run_id") if resume_state else None,
+        parent_run_id=parent_run_id,
+        local_dir=run_dir,
+    )
+    run_id = tracker.start(info)
+    status = "FAILED"
+    try:
+        result = fit(
+            model, data, config.train, tracker, run_dir, device,
+            checkpoint_extra={"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict()},
+            resume=resume_state, stop=stop,
+            log_every_steps=config.tracking.log_every_steps,
+        )
+        status = result.status
+        summary = {"run_id": run_id, **result.summary(), "vocab_size": data.tokenizer.vocab_size,
+                   "run_dir": str(run_dir)}
+        if result.status == "FINISHED" and result.best_checkpoint is not None:
+            samples = sample_texts(result.best_checkpoint, config.tracking.samples)
+            if samples:
+                tracker.log_text("samples.txt", "\n\n---\n\n".join(samples))
+            summary.update(tracker.log_best_model(result.best_checkpoint, summary))
+        return RunOutcome(result, summary)
+    finally:
+        tracker.finish(status)
+
+
+def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """Rebuild model and tokenizer from a checkpoint file (no pickled code is executed)."""
+    state = load_checkpoint(checkpoint)
+    config = Config.from_dict(state["config"], f"checkpoint '{checkpoint}'")
+    tokenizer = tokenizer_from_dict(state["tokenizer"])
+    model = build_model(config, tokenizer.vocab_size)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return model, tokenizer, state
+
+
+def complete(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    num_samples: int = 1,
+    stop_at_eos: bool = True,
+) -> list[str]:
+    """Continue `prompt` (or start a new story) `num_samples` times; returns prompt + text."""
+    device = next(model.parameters()).device
+    ids = [tokenizer.eos_id] + (tokenizer.encode(prompt) if prompt else [])
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                   stop_token=tokenizer.eos_id if stop_at_eos else None)
+    texts = []
+    for row in out.tolist():
+        new = row[len(ids):]
+        if stop_at_eos and tokenizer.eos_id in new:
+            new = new[: new.index(tokenizer.eos_id)]
+        continuation = tokenizer.decode(new)
+        sep = " " if prompt and tokenizer.kind == "word" and continuation else ""
+        texts.append((prompt + sep + continuation).strip())
+    return texts
+
+
+def sample_texts(checkpoint: Path, n: int, seed: int = 0) -> list[str]:
+    if n <= 0:
+        return []
+    model, tokenizer, _ = load_model(checkpoint)
+    return complete(model, tokenizer, num_samples=n, seed=seed, max_new_tokens=300)

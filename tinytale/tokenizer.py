@@ -1,0 +1,179 @@
+"""Word, char and byte-level BPE tokenizers behind one small interface.
+
+Every tokenizer has an end-of-story token (`eos_id`), round-trips through a JSON-able dict
+(`to_dict` / `tokenizer_from_dict`) so a checkpoint carries its own tokenizer, and raises
+`TokenizerError` naming the offending text for input it cannot encode.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from tinytale.errors import UserError
+
+EOS = "<eos>"
+
+
+class TokenizerError(UserError):
+    """Text the tokenizer cannot encode (out-of-vocabulary words or characters)."""
+
+
+class Tokenizer(Protocol):
+    kind: str
+    eos_id: int
+
+    @property
+    def vocab_size(self) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class _VocabTokenizer:
+    """Shared machinery for tokenizers with an explicit symbol list."""
+
+    kind = "vocab"
+    _unit = "symbol"
+
+    def __init__(self, symbols: Sequence[str]):
+        self.symbols = list(symbols)
+        self._index = {s: i for i, s in enumerate(self.symbols)}
+        self.eos_id = self._index[EOS]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.symbols)
+
+    def _split(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        pieces = self._split(text)
+        missing = sorted({p for p in pieces if p not in self._index})
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:8])
+            raise TokenizerError(
+                f"the {self.kind} tokenizer does not know the {self._unit}s {shown}; "
+                f"use only {self._unit}s from the training corpus."
+            )
+        return [self._index[p] for p in pieces]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "symbols": self.symbols}
+
+
+class WordTokenizer(_VocabTokenizer):
+    """Whitespace-separated words; punctuation must stand apart (as in the lesson corpus)."""
+
+    kind = "word"
+    _unit = "word"
+
+    @classmethod
+    def train(cls, stories: Iterable[str]) -> WordTokenizer:
+        words = sorted({w for story in stories for w in story.split()} - {EOS})
+        return cls([EOS, *words])
+
+    def _split(self, text: str) -> list[str]:
+        return text.split()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        words = [self.symbols[i] for i in ids]
+        return " ".join("\n" if w == EOS else w for w in words).replace(" \n ", "\n")
+
+
+class CharTokenizer(_VocabTokenizer):
+    """One token per character; the end-of-story token decodes to a blank line."""
+
+    kind = "char"
+    _unit = "character"
+
+    @classmethod
+    def train(cls, stories: Iterable[str]) -> CharTokenizer:
+        return cls([EOS, *sorted({c for story in stories for c in story})])
+
+    def _split(self, text: str) -> list[str]:
+        return list(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join("\n\n" if i == self.eos_id else self.symbols[i] for i in ids)
+
+
+class BPETokenizer:
+    """Byte-level BPE trained on the corpus with Hugging Face `tokenizers` (Rust, fast)."""
+
+    kind = "bpe"
+
+    def __init__(self, serialized: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._serialized = serialized
+        self._tok = HFTokenizer.from_str(serialized)
+        eos = self._tok.token_to_id(EOS)
+        if eos is None:
+            raise TokenizerError("the bpe tokenizer has no end-of-story token; retrain it.")
+        self.eos_id = eos
+
+    @classmethod
+    def train(cls, stories: Iterable[str], vocab_size: int = 512) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(list(stories), trainer=trainer)
+        return cls(tok.to_str())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids  # byte-level: every string is encodable
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out, chunk = [], []
+        for i in ids:
+            if i == self.eos_id:
+                out.append(self._tok.decode(chunk) + "\n\n")
+                chunk = []
+            else:
+                chunk.append(i)
+        out.append(self._tok.decode(chunk))
+        return "".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "serialized": self._serialized}
+
+
+def train_tokenizer(kind: str, stories: Sequence[str], bpe_vocab_size: int = 512) -> Tokenizer:
+    if kind == "word":
+        return WordTokenizer.train(stories)
+    if kind == "char":
+        return CharTokenizer.train(stories)
+    if kind == "bpe":
+        return BPETokenizer.train(stories, bpe_vocab_size)
+    raise TokenizerError(f"data.tokenizer={kind!r} is unknown; use word, char or bpe.")
+
+
+def tokenizer_from_dict(state: dict[str, Any]) -> Tokenizer:
+    kind = state.get("kind")
+    if kind == "word":
+        return WordTokenizer(state["symbols"])
+    if kind == "char":
+        return CharTokenizer(state["symbols"])
+    if kind == "bpe":
+        return BPETokenizer(state["serialized"])
+    raise TokenizerError(f"saved tokenizer kind {kind!r} is unknown; the file may be damaged.")
+
+
+def tokenizer_to_json(tok: Tokenizer) -> str:
+    return json.dumps(tok.to_dict())

@@ -1,0 +1,165 @@
+"""The tracker interface the training loop reports to, and the trackers that need no server.
+
+The loop calls only these methods; which backend listens (console, MLflow, several at
+once) is decided by whoever builds the tracker. Methods must be cheap: anything slow
+(network) belongs on a background thread inside the tracker.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+
+@dataclass
+class RunInfo:
+    """What a tracker needs to open (or reopen) a run; built by the CLI, not by the loop."""
+
+    experiment: str
+    run_name: str
+    params: dict[str, Any]
+    tags: dict[str, str] = field(default_factory=dict)
+    config_yaml: str = ""
+    resume_run_id: str | None = None
+    parent_run_id: str | None = None
+    local_dir: Path | None = None  # the run's checkpoint folder (for spools, local copies)
+
+
+class Tracker:
+    """Base class: every hook is a no-op, so a tracker implements only what it cares about."""
+
+    run_id: str | None = None
+
+    def start(self, info: RunInfo) -> str | None:
+        """Open the run; return its id (None when the backend has no ids)."""
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Per-epoch metrics with step = epoch, or step-level ones with step = optimizer step."""
+
+    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
+        """Called after every micro-batch; must cost next to nothing."""
+
+    def on_event(self, name: str, detail: dict[str, Any]) -> None:
+        """Something worth recording: early stop, skipped non-finite step, resume."""
+
+    def log_text(self, name: str, text: str) -> None:
+        """A small text artifact (generated samples, a report)."""
+
+    def log_best_model(self, checkpoint: Path, summary: dict[str, Any]) -> dict[str, Any]:
+        """Publish the best checkpoint (e.g. register a model version); return what was done."""
+        return {}
+
+    def finish(self, status: str) -> None:
+        """Close the run: status is FINISHED, FAILED or KILLED. Flush everything first."""
+
+
+class NullTracker(Tracker):
+    pass
+
+
+class FanoutTracker(Tracker):
+    """Sends every call to several trackers; the first one with a run id names the run."""
+
+    def __init__(self, trackers: Sequence[Tracker]):
+        self.trackers = list(trackers)
+
+    def start(self, info: RunInfo) -> str | None:
+        ids = [t.start(info) for t in self.trackers]
+        self.run_id = next((i for i in ids if i), None)
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for t in self.trackers:
+            t.log_metrics(metrics, step)
+
+    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
+        for t in self.trackers:
+            t.on_progress(epoch, batch, n_batches)
+
+    def on_event(self, name: str, detail: dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.on_event(name, detail)
+
+    def log_text(self, name: str, text: str) -> None:
+        for t in self.trackers:
+            t.log_text(name, text)
+
+    def log_best_model(self, checkpoint: Path, summary: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for t in self.trackers:
+            result.update(t.log_best_model(checkpoint, summary))
+        return result
+
+    def finish(self, status: str) -> None:
+        for t in self.trackers:
+            t.finish(status)
+
+
+EPOCH_COLUMNS = (
+    ("epoch", "epoch", "{:>5d}"),
+    ("train_loss", "train", "{:>7.4f}"),
+    ("val_loss", "val", "{:>7.4f}"),
+    ("val_perplexity", "val_ppl", "{:>8.3f}"),
+    ("lr", "lr", "{:>9.2e}"),
+    ("tokens_per_sec", "tok/s", "{:>8.0f}"),
+    ("epoch_time_s", "time_s", "{:>6.2f}"),
+)
+
+
+class ConsoleTracker(Tracker):
+    """A readable per-epoch table on stderr, with a progress bar within epochs on a terminal."""
+
+    def __init__(self, stream: TextIO | None = None, progress: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.progress = self.stream.isatty() if progress is None else progress
+        self._header_done = False
+        self._last_draw = 0.0
+
+    def start(self, info: RunInfo) -> str | None:
+        self._write(f"run '{info.run_name}' in experiment '{info.experiment}'")
+        return None
+
+    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
+        if not self.progress:
+            return
+        now = time.monotonic()
+        if now - self._last_draw < 0.1 and batch < n_batches:
+            return
+        self._last_draw = now
+        width = 30
+        filled = int(width * batch / max(1, n_batches))
+        self.stream.write(
+            f"\repoch {epoch:>4d} [{'#' * filled}{'.' * (width - filled)}] {batch}/{n_batches}"
+        )
+        self.stream.flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if "val_loss" not in metrics:
+            return  # step-level metrics: the progress bar is enough on a console
+        if self.progress:
+            self.stream.write("\r\033[K")
+        if not self._header_done:
+            self._write(" ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in
+                                  EPOCH_COLUMNS))
+            self._header_done = True
+        row = {**metrics, "epoch": step}
+        cells = []
+        for key, _, fmt in EPOCH_COLUMNS:
+            value = row.get(key, math.nan)
+            cells.append(fmt.format(int(value) if key == "epoch" else value))
+        self._write(" ".join(cells))
+
+    def on_event(self, name: str, detail: dict[str, Any]) -> None:
+        pretty = ", ".join(f"{k}={v}" for k, v in detail.items())
+        self._write(f"[{name}] {pretty}")
+
+    def _write(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+

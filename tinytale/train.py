@@ -1,0 +1,316 @@
+"""fit(): the epoch training loop. Reports to a Tracker; knows nothing of MLflow, YAML or the CLI.
+
+One optimizer step = `grad_accum_steps` micro-batches whose mean losses are each divided
+by `grad_accum_steps`, so the summed gradient equals the gradient of the mean loss over
+the whole large batch. Per epoch it validates, reports metrics, writes `last.pt` (and
+`best.pt` on a new best validation loss) atomically, and honours early stopping and stop
+requests (signals) at optimizer-step boundaries, so a resumed run continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinytale.checkpoint import BEST, LAST, capture_rng, restore_rng, save_checkpoint
+from tinytale.config import TrainConfig
+from tinytale.data import DataBundle, eval_loader, train_loader
+from tinytale.errors import UserError
+from tinytale.model import GPT, param_groups
+from tinytale.schedule import lr_at
+from tinytale.tracking import Tracker
+
+
+class StopRequest:
+    """Set by a signal handler (or a test); the loop checks it after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+
+@dataclass
+class TrainState:
+    """Where training stands: enough to continue exactly where it stopped."""
+
+    epoch: int = 1  # epoch in progress, counted from 1
+    batch: int = 0  # micro-batches of this epoch already consumed
+    step: int = 0  # optimizer steps done in the whole run
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    skipped_steps: int = 0
+    train_time_s: float = 0.0  # wall time of finished epochs, validation included
+    # Partial-epoch accumulators, so a mid-epoch resume reports the same epoch means.
+    epoch_loss_sum: float = 0.0
+    epoch_grad_norm_sum: float = 0.0
+    epoch_steps: int = 0
+    epoch_elapsed_s: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class FitResult:
+    status: str  # FINISHED | KILLED | FAILED
+    state: TrainState
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    reason: str = ""
+    early_stopped: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        history = self.state.history
+        tps = [h["tokens_per_sec"] for h in history]
+        return {
+            "status": self.status,
+            "epochs": len(history),
+            "best_epoch": self.state.best_epoch or None,
+            "best_val_loss": _finite_or_none(self.state.best_val_loss),
+            "final_train_loss": history[-1]["train_loss"] if history else None,
+            "final_val_loss": history[-1]["val_loss"] if history else None,
+            "tokens_per_sec": float(np.median(tps)) if tps else None,
+            "train_time_s": round(self.state.train_time_s, 3),
+            "early_stopped": self.early_stopped,
+            "checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+            "reason": self.reason or None,
+        }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device='cuda' but no CUDA device is visible; use cpu or auto.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device='mps' but MPS is not available; use cpu or auto.")
+    return torch.device(name)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    try:
+        # One fused kernel for the whole update where the device supports it.
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: DataBundle, batch_size: int,
+             device: torch.device) -> float:
+    """Mean next-token cross-entropy over every validation window."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0
+    for x, y in eval_loader(data.val, batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast_for(device):
+            _, loss = model(x, y)
+        total += loss.double() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return float(total.item() / count)
+
+
+def fit(
+    model: GPT,
+    data: DataBundle,
+    cfg: TrainConfig,
+    tracker: Tracker,
+    run_dir: Path,
+    device: torch.device,
+    checkpoint_extra: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
+    stop: StopRequest | None = None,
+    log_every_steps: int = 0,
+) -> FitResult:
+    """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring."""
+    stop = stop or StopRequest()
+    extra = checkpoint_extra or {}
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    if resume is None:
+        seed_everything(cfg.seed)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    state = TrainState()
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        state = TrainState(**resume["train_state"])
+        restore_rng(resume["rng"])
+        tracker.on_event("resumed", {"epoch": state.epoch, "batch": state.batch,
+                                     "step": state.step})
+
+    use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+    step_model = torch.compile(model) if use_compile else model
+    accum = cfg.grad_accum_steps
+    steps_per_epoch = len(data.train) // cfg.batch_size // accum
+    micro_per_epoch = steps_per_epoch * accum
+    total_steps = steps_per_epoch * cfg.epochs
+    eval_bs = cfg.eval_batch_size or 4 * cfg.batch_size
+    tokens_per_micro = cfg.batch_size * data.train.block_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    best_path, last_path = run_dir / BEST, run_dir / LAST
+    best_exists = best_path.exists() and resume is not None
+
+    def checkpoint(path: Path, finished: bool = False) -> Path:
+        return save_checkpoint(
+            {
+                **extra,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "train_state": asdict(state),
+                "rng": capture_rng(),
+                "finished": finished,
+                "run_id": tracker.run_id,
+            },
+            path,
+            keep_previous=path.name == LAST,
+        )
+
+    def result(status: str, reason: str = "", early: bool = False) -> FitResult:
+        return FitResult(status, state, best_path if best_exists else None,
+                         last_path if last_path.exists() else None, reason, early)
+
+    model.train()
+    while state.epoch <= cfg.epochs:
+        epoch = state.epoch
+        t_start = time.perf_counter() - state.epoch_elapsed_s
+        loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
+        grad_norm_sum = torch.tensor(state.epoch_grad_norm_sum, device=device)
+        step_loss = torch.zeros((), device=device)
+        loader = train_loader(data.train, cfg.batch_size, cfg.seed, epoch, start=state.batch,
+                              pin_memory=device.type == "cuda")
+        for x, y in loader:
+            if state.batch >= micro_per_epoch:
+                break  # leftover micro-batches that cannot fill an optimizer step
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_for(device):
+                _, loss = step_model(x, y)
+            (loss / accum).backward()
+            step_loss += loss.detach()
+            state.batch += 1
+            tracker.on_progress(epoch, state.batch, micro_per_epoch)
+            if state.batch % accum:
+                continue
+            state.step += 1
+            lr = lr_at(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            # One host sync per optimizer step: never let a NaN/inf reach the weights.
+            if not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                step_loss.zero_()
+                state.skipped_steps += 1
+                tracker.on_event("nonfinite", {
+                    "epoch": epoch, "step": state.step, "action": cfg.nonfinite,
+                    "reason": f"non-finite gradient norm ({float(grad_norm)})"})
+                if cfg.nonfinite == "fail" or state.skipped_steps > cfg.max_skipped_steps:
+                    return result("FAILED", f"non-finite loss or gradient at step "
+                                             f"{state.step} (epoch {epoch}); lower train.lr "
+                                             "or set train.nonfinite=skip")
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += step_loss
+            grad_norm_sum += grad_norm.detach()
+            state.epoch_steps += 1
+            if log_every_steps and state.step % log_every_steps == 0:
+                tracker.log_metrics({"train_loss_step": float(step_loss) / accum,
+                                     "lr_step": lr}, state.step)
+            step_loss.zero_()
+            if stop or (cfg.checkpoint_every_steps
+                        and state.step % cfg.checkpoint_every_steps == 0):
+                state.epoch_loss_sum = float(loss_sum)
+                state.epoch_grad_norm_sum = float(grad_norm_sum)
+                state.epoch_elapsed_s = time.perf_counter() - t_start
+                checkpoint(last_path)
+                if stop:
+                    return result("KILLED", f"stopped by {stop.reason}")
+
+        train_loss = float(loss_sum) / max(1, state.epoch_steps * accum)
+        train_elapsed = time.perf_counter() - t_start
+        val_loss = evaluate(model, data, eval_bs, device)
+        epoch_time = time.perf_counter() - t_start
+        lr_now = lr_at(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
+        metrics = {
+            "train_loss": train_loss,
+            "train_perplexity": _safe_exp(train_loss),
+            "val_loss": val_loss,
+            "val_perplexity": _safe_exp(val_loss),
+            "generalization_gap": val_loss - train_loss,
+            "lr": lr_now,
+            "grad_norm": float(grad_norm_sum) / max(1, state.epoch_steps),
+            "tokens_per_sec": micro_per_epoch * tokens_per_micro / max(train_elapsed, 1e-9),
+            "epoch_time_s": epoch_time,
+        }
+        state.history.append({"epoch": epoch, **metrics})
+        state.train_time_s += epoch_time
+        improved = val_loss < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_epoch, state.epochs_since_best = val_loss, epoch, 0
+        else:
+            state.epochs_since_best += 1
+        tracker.log_metrics(metrics, epoch)
+
+        # Advance to the next epoch before saving, so last.pt resumes at its start.
+        state.epoch += 1
+        state.batch = 0
+        state.epoch_loss_sum = state.epoch_grad_norm_sum = state.epoch_elapsed_s = 0.0
+        state.epoch_steps = 0
+        early = bool(cfg.patience) and state.epochs_since_best >= cfg.patience
+        finished = early or state.epoch > cfg.epochs
+        checkpoint(last_path, finished=finished)
+        if improved:
+            checkpoint(best_path, finished=finished)
+            best_exists = True
+        if early:
+            tracker.on_event("early_stop", {"epoch": epoch, "best_epoch": state.best_epoch,
+                                            "patience": cfg.patience})
+            return result("FINISHED", early=True)
+        if stop:
+            return result("KILLED", f"stopped by {stop.reason}")
+    return result("FINISHED")
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
