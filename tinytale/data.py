@@ -104,13 +104,16 @@ def train_loader(
 ) -> DataLoader:
     """The epoch's training batches (drop-last, so every micro-batch has the same size)."""
     sampler = EpochBatches(len(windows), batch_size, seed, epoch, start)
+    # A private generator: creating the iterator must not draw from torch's global RNG,
+    # or a resumed run's dropout masks would drift from the uninterrupted run's.
     return DataLoader(windows, batch_sampler=sampler, collate_fn=_whole_batch,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, generator=torch.Generator())
 
 
 def eval_loader(windows: TokenWindows, batch_size: int) -> DataLoader:
     """All validation windows in order; the last batch may be smaller."""
-    return DataLoader(windows, batch_size=batch_size, shuffle=False, collate_fn=_whole_batch)
+    return DataLoader(windows, batch_size=batch_size, shuffle=False, collate_fn=_whole_batch,
+                      generator=torch.Generator())
 
 
 @dataclass

@@ -123,7 +123,7 @@ def train_run(
     parent_run_id: str | None = None,
 ) -> RunOutcome:
     """Train one run end to end: data, model, tracked fit, samples and best-model publishing."""
-    stop = stop or StopRequest()
+    stop = stop if stop is not None else StopRequest()
     run_name = run_name_of(config)
     resume_path = resolve_resume(resume, out_dir, run_name)
     resume_state = load_checkpoint(resume_path) if resume_path else None

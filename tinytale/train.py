@@ -160,7 +160,7 @@ def fit(
     log_every_steps: int = 0,
 ) -> FitResult:
     """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring."""
-    stop = stop or StopRequest()
+    stop = stop if stop is not None else StopRequest()
     extra = checkpoint_extra or {}
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One command from a fresh clone to a full test run: creates .venv, installs the CPU build
+# of torch and tinytale with its test tools, and runs pytest. With CI=true (or
+# TINYTALE_DOCKER=1) it also sets up a Docker engine without registry access
+# (scripts/docker-offline.sh) so the compose end-to-end test runs for real.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k cli -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU wheel first: a bare `pip install .` would pull torch's multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+
+if [ "${CI:-}" = "true" ] || [ "${TINYTALE_DOCKER:-}" = "1" ]; then
+  if [ -f scripts/docker-offline.sh ]; then
+    # Prints `export NAME=value` lines for the e2e test (base image, wheelhouse, ...).
+    eval "$(bash scripts/docker-offline.sh)"
+  fi
+fi
+
+exec .venv/bin/python -m pytest "$@"

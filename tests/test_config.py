@@ -1,0 +1,75 @@
+"""Experiment files and config validation: every mistake is one clear sentence."""
+
+from pathlib import Path
+
+import pytest
+
+from tinytale.config import Config, ConfigError, load_config
+
+EXPERIMENTS = sorted(p for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml")
+                     if not p.name.startswith("sweep"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_shipped_experiment_loads(path):
+    cfg = load_config(path)
+    assert cfg.tracking.run_name
+
+
+def test_lesson_yaml_is_the_builtin_default():
+    lesson = load_config(Path(__file__).parents[1] / "experiments" / "lesson.yaml")
+    default = Config().validate()
+    default.tracking.run_name = "lesson"
+    assert lesson == default
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.lr=3e-4", "model.dropout=0.1", "train.compile=false",
+                             "data.stride=null", "train.epochs=5"])
+    assert cfg.train.lr == 3e-4 and cfg.model.dropout == 0.1 and cfg.train.compile is False
+    assert cfg.data.stride is None and cfg.train.epochs == 5
+
+
+def test_flat_and_hash():
+    cfg = load_config(None)
+    assert cfg.flat()["model.n_layer"] == 2
+    assert cfg.hash() == load_config(None).hash() != load_config(None, ["train.lr=1e-3"]).hash()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], r"unknown key 'train.lrr'.*did you mean 'lr'"),
+        (["trian.lr=1"], r"unknown section 'trian'.*did you mean 'train'"),
+        (["train.epochs=ten"], r"train.epochs='ten' is not an integer"),
+        (["train.epochs=2.5"], r"train.epochs=2.5 is not an integer"),
+        (["train.epochs=0"], r"train.epochs=0 must be positive"),
+        (["model.dropout=1.5"], r"model.dropout=1.5 is out of range"),
+        (["model.n_head=5"], r"model.n_embd=64 is not divisible by model.n_head=5"),
+        (["data.tokenizer=words"], r"data.tokenizer='words' is not one of"),
+        (["train.device=tpu"], r"train.device='tpu' is not one of"),
+        (["train.min_lr=1"], r"train.min_lr=1.0 is out of range"),
+        (["train.lr"], r"not of the form section.key=value"),
+        (["train.compile=maybe"], r"train.compile='maybe' is not valid"),
+    ],
+)
+def test_bad_values_name_field_and_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layer: [1,\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(scalar)
+    section = tmp_path / "section.yaml"
+    section.write_text("model: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="section 'model'"):
+        load_config(section)

@@ -1,0 +1,64 @@
+"""The GPT module: shapes, causality, weight tying, which parameters get weight decay."""
+
+import torch
+
+from tinytale.model import GPT, GPTConfig, param_groups
+
+
+def small_gpt(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=24, block_size=16, n_layer=2, n_head=2, n_embd=16, **kw))
+
+
+def test_logits_shape_and_loss():
+    model = small_gpt()
+    idx = torch.randint(0, 24, (3, 10))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 10, 24)
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+def test_initial_loss_is_near_uniform_guessing():
+    model = small_gpt()
+    idx = torch.randint(0, 24, (8, 16))
+    _, loss = model(idx, torch.randint(0, 24, (8, 16)))
+    assert abs(loss.item() - torch.log(torch.tensor(24.0)).item()) < 0.2
+
+
+def test_future_tokens_cannot_change_earlier_logits():
+    model = small_gpt().eval()
+    idx = torch.randint(0, 24, (1, 12))
+    changed = idx.clone()
+    changed[0, 7:] = (changed[0, 7:] + 5) % 24
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert torch.allclose(a[0, :7], b[0, :7], atol=1e-6)
+    assert not torch.allclose(a[0, 7:], b[0, 7:])
+
+
+def test_head_is_tied_to_token_embedding():
+    model = small_gpt()
+    assert model.lm_head.weight is model.wte.weight
+    assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+
+
+def test_weight_decay_only_on_matrices():
+    model = small_gpt()
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_dropout_is_active_only_in_training():
+    model = small_gpt(dropout=0.5)
+    idx = torch.randint(0, 24, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], model(idx)[0])
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(idx)[0], model(idx)[0])

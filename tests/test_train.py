@@ -1,0 +1,134 @@
+"""The training loop: learning, gradient accumulation, checkpoints, resume, stop, NaN guard."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinytale.checkpoint import LAST, load_checkpoint
+from tinytale.config import load_config
+from tinytale.run import build_model, load_model, prepare_data
+from tinytale.tracking import Tracker
+from tinytale.train import StopRequest, fit
+
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
+        "train.batch_size=8", "train.warmup_steps=4", "train.device=cpu",
+        "data.n_stories=80"]
+
+
+def setup(overrides: list[str]):
+    cfg = load_config(None, TINY + overrides)
+    data = prepare_data(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, data.tokenizer.vocab_size)
+    return cfg, data, model
+
+
+def run_fit(tmp: Path, overrides: list[str], tracker: Tracker | None = None,
+            resume: dict | None = None, stop: StopRequest | None = None):
+    cfg, data, model = setup(overrides)
+    extra = {"config": cfg.to_dict(), "tokenizer": data.tokenizer.to_dict()}
+    return fit(model, data, cfg.train, tracker or Tracker(), tmp, torch.device("cpu"),
+               checkpoint_extra=extra, resume=resume, stop=stop), model
+
+
+def test_lesson_loss_falls_from_guessing(tmp_path):
+    result, _ = run_fit(tmp_path, ["train.epochs=4"])
+    losses = [h["train_loss"] for h in result.state.history]
+    assert result.status == "FINISHED"
+    assert losses[0] < math.log(24) + 0.1
+    assert losses[-1] < losses[0] - 0.5
+    assert all(h["val_perplexity"] == pytest.approx(math.exp(h["val_loss"]))
+               for h in result.state.history)
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path):
+    """Batch 8 in one step equals two micro-batches of 4: same windows, summed gradients.
+
+    Without biases: a key bias gets an exactly-zero gradient in theory, and Adam would blow
+    its float noise up to full-size steps, hiding the comparison.
+    """
+    common = ["train.epochs=1", "model.bias=false"]
+    big, big_model = run_fit(tmp_path / "a", [*common, "train.batch_size=8"])
+    acc, acc_model = run_fit(tmp_path / "b", [*common, "train.batch_size=4",
+                                              "train.grad_accum_steps=2"])
+    assert big.state.step == acc.state.step > 0
+    for (name, p), q in zip(big_model.state_dict().items(), acc_model.state_dict().values(),
+                            strict=True):
+        assert torch.allclose(p, q, atol=1e-5), name
+    assert big.state.history[0]["train_loss"] == pytest.approx(
+        acc.state.history[0]["train_loss"], rel=1e-5)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    result, model = run_fit(tmp_path, ["train.epochs=2"])
+    reloaded, tokenizer, state = load_model(tmp_path / "last.pt")
+    idx = torch.tensor([[tokenizer.eos_id, *tokenizer.encode("once upon a time")]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], reloaded(idx)[0])
+    assert state["train_state"]["epoch"] == 3 and state["finished"]
+
+
+class StopAt(Tracker):
+    """Asks the loop to stop once it reaches a given micro-batch of a given epoch."""
+
+    def __init__(self, stop: StopRequest, epoch: int, batch: int):
+        self.stop, self.epoch, self.batch = stop, epoch, batch
+
+    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
+        if (epoch, batch) == (self.epoch, self.batch):
+            self.stop.request("SIGTERM")
+
+
+def test_stop_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    overrides = ["train.epochs=3", "model.dropout=0.2"]
+    straight, _ = run_fit(tmp_path / "straight", overrides)
+
+    stop = StopRequest()
+    first, _ = run_fit(tmp_path / "cut", overrides, tracker=StopAt(stop, 2, 5), stop=stop)
+    assert first.status == "KILLED"
+    saved = load_checkpoint(tmp_path / "cut" / LAST)
+    assert saved["train_state"]["epoch"] == 2 and saved["train_state"]["batch"] == 5
+    resumed, _ = run_fit(tmp_path / "cut", overrides, resume=saved)
+    assert resumed.status == "FINISHED"
+    assert [h["epoch"] for h in resumed.state.history] == [1, 2, 3]
+    for a, b in zip(straight.state.history, resumed.state.history, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+
+
+def test_early_stopping_with_patience(tmp_path):
+    result, _ = run_fit(tmp_path, ["train.epochs=40", "train.patience=2", "data.n_stories=40",
+                                   "model.n_embd=64", "train.lr=1e-2"])
+    assert result.early_stopped
+    assert result.state.epochs_since_best == 2
+    assert len(result.state.history) == result.state.best_epoch + 2
+
+
+class PoisonWeights(Tracker):
+    """Writes NaN into a weight mid-epoch, as a diverging run would."""
+
+    def __init__(self, model_ref: list):
+        self.model_ref = model_ref
+
+    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
+        if epoch == 2 and batch == 1:
+            with torch.no_grad():
+                self.model_ref[0].wte.weight[0, 0] = float("nan")
+
+
+def test_non_finite_loss_fails_without_writing_bad_weights(tmp_path):
+    cfg, data, model = setup(["train.epochs=3"])
+    ref = [model]
+    result = fit(model, data, cfg.train, PoisonWeights(ref), tmp_path, torch.device("cpu"),
+                 checkpoint_extra={"config": cfg.to_dict(),
+                                   "tokenizer": data.tokenizer.to_dict()})
+    assert result.status == "FAILED" and "non-finite" in result.reason
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(tmp_path / name)
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+        assert state["train_state"]["epoch"] == 2  # written after epoch 1, never after

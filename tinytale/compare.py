@@ -1,0 +1,369 @@
+"""Overfitting analysis across runs: best epoch, overfitting onset, final gap, plot and table.
+
+Everything here is pure: it works on `RunCurves` (plain data fetched elsewhere, see
+`tinytale.mlflow_reader`) and never talks to MLflow, so every rule can be tested on
+hand-made curves.
+
+Definitions (all "lower is better" metrics: losses and perplexities):
+
+* best epoch: the epoch with the lowest value of the selected metric (the first one on ties;
+  NaN/inf values are ignored).
+* overfitting onset: the first epoch `e` after which the metric rose for `patience` epochs in
+  a row, i.e. `v[e] < v[e+1] < ... < v[e+patience]` over consecutive logged epochs; `None`
+  when that never happens. With the default patience of 3, one noisy uptick is not an onset.
+* final gap: validation loss minus training loss at the last epoch that has both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_METRIC = "val_loss"
+DEFAULT_PATIENCE = 3
+
+# The exact keys of one `--json` row, in column order; extra keys follow them.
+JSON_KEYS = (
+    "run_id", "run_name", "best_epoch", "best_val_loss", "best_val_perplexity",
+    "final_gap", "overfit_onset", "tokens_per_sec",
+)
+
+# Config keys that are run bookkeeping, never "the difference between two runs".
+_IGNORED_PARAM_PREFIXES = ("tracking.",)
+_IGNORED_PARAMS = {"train.device", "train.compile", "train.num_threads",
+                   "train.checkpoint_every_steps", "train.eval_batch_size"}
+
+Series = list[tuple[int, float]]  # (epoch, value), sorted by epoch, one value per epoch
+
+
+@dataclass
+class RunCurves:
+    """One run as compare needs it: identity, its config differences and metric histories."""
+
+    run_id: str
+    run_name: str
+    status: str = "FINISHED"
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, Any] | None = None  # a sweep point's overrides (from its tag)
+    histories: dict[str, Series] = field(default_factory=dict)  # metric -> series
+    latest: dict[str, float] = field(default_factory=dict)  # metric -> last logged value
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_name: str
+    best_epoch: int | None
+    best_val_loss: float | None
+    best_val_perplexity: float | None
+    final_gap: float | None
+    overfit_onset: int | None
+    tokens_per_sec: float | None
+    overrides: dict[str, Any]
+    status: str
+    metric: str
+    best_metric_value: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        row = {key: getattr(self, key) for key in JSON_KEYS}
+        row.update(overrides=self.overrides, status=self.status, metric=self.metric,
+                   best_metric_value=self.best_metric_value)
+        return {key: _json_safe(value) for key, value in row.items()}
+
+
+# --------------------------------------------------------------------------- pure curve rules
+
+
+def clean_series(points: Iterable[tuple[int, float]]) -> Series:
+    """Sort by epoch, keep the last value logged for an epoch (a resumed run may repeat one)."""
+    by_epoch: dict[int, float] = {}
+    for epoch, value in points:
+        by_epoch[int(epoch)] = float(value)
+    return sorted(by_epoch.items())
+
+
+def best_epoch(series: Sequence[tuple[int, float]]) -> tuple[int, float] | None:
+    """`(epoch, value)` of the lowest finite value (the earliest on ties); None if there is none."""
+    best: tuple[int, float] | None = None
+    for epoch, value in series:
+        if math.isfinite(value) and (best is None or value < best[1]):
+            best = (epoch, value)
+    return best
+
+
+def overfit_onset(series: Sequence[tuple[int, float]], patience: int = DEFAULT_PATIENCE
+                  ) -> int | None:
+    """First epoch after which the value rose `patience` epochs in a row, else None.
+
+    A rise is a strict increase from one logged epoch to the next; a NaN/inf breaks a streak.
+    """
+    if patience < 1:
+        raise ValueError(f"patience must be at least 1, got {patience}")
+    streak = 0
+    for i in range(1, len(series)):
+        before, after = series[i - 1][1], series[i][1]
+        if math.isfinite(before) and math.isfinite(after) and after > before:
+            streak += 1
+            if streak >= patience:
+                return series[i - patience][0]
+        else:
+            streak = 0
+    return None
+
+
+def final_gap(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]]
+              ) -> float | None:
+    """Validation minus training value at the last epoch that has both (finite); else None."""
+    train_at = {epoch: value for epoch, value in train if math.isfinite(value)}
+    for epoch, value in reversed(val):
+        if epoch in train_at and math.isfinite(value):
+            return value - train_at[epoch]
+    return None
+
+
+def train_metric_for(metric: str) -> str | None:
+    """The training counterpart drawn dashed next to `metric`: val_loss -> train_loss."""
+    if metric.startswith("val_"):
+        return "train_" + metric[len("val_"):]
+    return None
+
+
+def metrics_needed(metric: str) -> list[str]:
+    """Histories compare has to fetch for `metric`."""
+    keys = [metric, "val_loss", "train_loss", "tokens_per_sec"]
+    train = train_metric_for(metric)
+    if train:
+        keys.append(train)
+    return list(dict.fromkeys(keys))
+
+
+def differing_params(runs: Sequence[RunCurves]) -> dict[str, dict[str, Any]]:
+    """Per run, the config params whose value is not the same in every compared run."""
+    keys = set().union(*(r.params for r in runs)) if runs else set()
+    keys = {k for k in keys if "." in k and not k.startswith(_IGNORED_PARAM_PREFIXES)
+            and k not in _IGNORED_PARAMS and k.split(".")[0] in ("model", "data", "train")}
+    varying = sorted(k for k in keys if len({r.params.get(k) for r in runs}) > 1)
+    return {r.run_id: {k: _parse_param(r.params.get(k)) for k in varying} for r in runs}
+
+
+def _parse_param(text: str | None) -> Any:
+    if text is None:
+        return None
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def summarize(run: RunCurves, metric: str = DEFAULT_METRIC, patience: int = DEFAULT_PATIENCE,
+              overrides: dict[str, Any] | None = None) -> RunSummary:
+    """The table row of one run; `overrides` stands in when the run has no sweep tag."""
+    series = run.histories.get(metric, [])
+    best = best_epoch(series)
+    val = run.histories.get("val_loss", [])
+    val_at = dict(val)
+    best_val_loss = None
+    if best is not None:
+        best_val_loss = best[1] if metric == "val_loss" else val_at.get(best[0])
+    tps_series = [v for _, v in run.histories.get("tokens_per_sec", []) if math.isfinite(v)]
+    tokens_per_sec = (statistics.median(tps_series) if tps_series
+                      else run.latest.get("tokens_per_sec"))
+    return RunSummary(
+        run_id=run.run_id,
+        run_name=run.run_name,
+        best_epoch=best[0] if best else None,
+        best_val_loss=best_val_loss,
+        best_val_perplexity=_exp(best_val_loss),
+        final_gap=final_gap(run.histories.get("train_loss", []), val),
+        overfit_onset=overfit_onset(series, patience),
+        tokens_per_sec=tokens_per_sec,
+        overrides=run.overrides if run.overrides is not None else (overrides or {}),
+        status=run.status,
+        metric=metric,
+        best_metric_value=best[1] if best else None,
+    )
+
+
+def summarize_all(runs: Sequence[RunCurves], metric: str = DEFAULT_METRIC,
+                  patience: int = DEFAULT_PATIENCE) -> list[RunSummary]:
+    """Rows for every run; runs without a sweep tag show the params that differ between runs."""
+    differ = differing_params(runs)
+    return [summarize(r, metric, patience, differ.get(r.run_id)) for r in runs]
+
+
+def _exp(x: float | None) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return math.exp(x) if x < 700 else math.inf
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- table and JSON
+
+
+def format_overrides(overrides: Mapping[str, Any]) -> str:
+    """`{'model.dropout': 0.2, 'train.weight_decay': 0.1}` -> `dropout=0.2,weight_decay=0.1`.
+
+    Keys are shortened to their last part unless two keys would then read the same.
+    """
+    if not overrides:
+        return ""
+    short = [key.split(".")[-1] for key in overrides]
+    use_short = len(set(short)) == len(short)
+    parts = []
+    for key, name in zip(overrides, short, strict=True):
+        parts.append(f"{name if use_short else key}={_fmt_value(overrides[key])}")
+    return ",".join(parts)
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def render_json(rows: Sequence[RunSummary]) -> str:
+    return json.dumps([r.to_json() for r in rows], indent=2, allow_nan=False)
+
+
+TABLE_COLUMNS = ("run", "overrides", "best_epoch", "best_val_loss", "best_val_ppl",
+                 "final_gap", "onset", "tokens/s")
+
+
+def render_table(rows: Sequence[RunSummary]) -> str:
+    """A plain aligned text table, one line per run (numbers right-aligned)."""
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    body = []
+    for r in rows:
+        name = r.run_name if r.status == "FINISHED" else f"{r.run_name} ({r.status.lower()})"
+        body.append((
+            name,
+            format_overrides(r.overrides) or "-",
+            "-" if r.best_epoch is None else str(r.best_epoch),
+            num(r.best_val_loss, ".4f"),
+            num(r.best_val_perplexity, ".3f"),
+            num(r.final_gap, "+.4f"),
+            "none" if r.overfit_onset is None else str(r.overfit_onset),
+            num(r.tokens_per_sec, ",.0f"),
+        ))
+    widths = [max(len(c), *(len(row[i]) for row in body)) if body else len(c)
+              for i, c in enumerate(TABLE_COLUMNS)]
+    left = {0, 1}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) if i in left else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(TABLE_COLUMNS), line(["-" * w for w in widths]),
+                      *(line(row) for row in body)])
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def run_label(summary: RunSummary) -> str:
+    overrides = format_overrides(summary.overrides)
+    if overrides and overrides != summary.run_name:
+        return f"{summary.run_name} [{overrides}]"
+    return summary.run_name
+
+
+def _colours(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    if n <= 10:
+        cmap = colormaps["tab10"]
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        cmap = colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = colormaps["turbo"]
+    return [cmap(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+
+
+def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out: Path,
+                metric: str = DEFAULT_METRIC, title: str | None = None) -> Path:
+    """Train (dashed) and validation (solid) curves per run on shared axes, best epoch marked.
+
+    The format follows `out`'s suffix (.png, .svg, .pdf); uses the Agg canvas, no display.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    train_key = train_metric_for(metric)
+    n = len(runs)
+    legend_outside = n > 6
+    fig = Figure(figsize=(12 if legend_outside else 10, 6.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = _colours(n)
+    run_handles = []
+    many = n > 12
+    for run, summary, colour in zip(runs, summaries, colours, strict=True):
+        val = run.histories.get(metric, [])
+        if val:
+            xs, ys = zip(*val, strict=True)
+            ax.plot(xs, ys, color=colour, linewidth=1.2 if many else 1.8, linestyle="-")
+        train = run.histories.get(train_key, []) if train_key else []
+        if train:
+            xs, ys = zip(*train, strict=True)
+            ax.plot(xs, ys, color=colour, linewidth=0.9 if many else 1.4, linestyle="--",
+                    alpha=0.85)
+        if summary.best_epoch is not None and summary.best_metric_value is not None:
+            ax.plot([summary.best_epoch], [summary.best_metric_value], marker="o",
+                    markersize=5 if many else 8, color=colour, markeredgecolor="black",
+                    markeredgewidth=0.8, linestyle="none", zorder=5)
+        if summary.overfit_onset is not None:
+            ax.axvline(summary.overfit_onset, color=colour, linewidth=0.8, linestyle=":",
+                       alpha=0.7)
+        run_handles.append(Line2D([], [], color=colour, linewidth=2.5, label=run_label(summary)))
+
+    pretty = metric.removeprefix("val_").replace("_", " ")
+    ax.set_xlabel("epoch", fontsize=12)
+    ax.set_ylabel(f"{pretty} (train dashed, validation solid)", fontsize=12)
+    ax.set_title(title or f"Train vs validation {pretty} per epoch ({n} run{'s' * (n != 1)})",
+                 fontsize=14)
+    ax.grid(True, alpha=0.3)
+    ax.tick_params(labelsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    style_handles = [
+        Line2D([], [], color="dimgray", linestyle="--", label=f"train {pretty}"),
+        Line2D([], [], color="dimgray", linestyle="-", label=f"validation {pretty}"),
+        Line2D([], [], color="dimgray", marker="o", markeredgecolor="black", linestyle="none",
+               label="best validation epoch"),
+        Line2D([], [], color="dimgray", linestyle=":", label="overfitting onset"),
+    ]
+    runs_font = 7 if many else 9
+    if legend_outside:
+        first = ax.legend(handles=run_handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                          fontsize=runs_font, title="runs", ncol=2 if n > 25 else 1,
+                          frameon=False)
+        ax.add_artist(first)
+        ax.legend(handles=style_handles, loc="upper right", fontsize=9)
+    else:
+        first = ax.legend(handles=run_handles, loc="upper right", fontsize=runs_font,
+                          title="runs")
+        ax.add_artist(first)
+        ax.legend(handles=style_handles, loc="upper center", fontsize=9)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out

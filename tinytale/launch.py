@@ -1,0 +1,186 @@
+"""`tinytale launch`: run one training in the compose stack's CPU or CUDA trainer container.
+
+Typer-free and mostly pure: `launch_commands()` returns the `docker compose` argument lists, so the
+tests can check them without Docker; `launch()` checks Docker, picks the device and runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+SERVICES = {"cpu": "trainer", "cuda": "trainer-gpu"}
+COMPOSE_FILE = "compose.yaml"
+# Where a config file from the host appears inside the trainer container (mounted read-only).
+CONTAINER_CONFIG_DIR = "/app/launch"
+
+
+class LaunchError(Exception):
+    """A problem the user can fix (no Docker, bad option); the message is one sentence."""
+
+
+@dataclass(frozen=True)
+class ConfigMount:
+    """A host file given as CONFIG, mounted into the container because the image cannot see it."""
+
+    host_path: Path
+    container_path: str
+
+    @property
+    def volume(self) -> str:
+        return f"{self.host_path}:{self.container_path}:ro"
+
+
+def resolve_config(config: str, cwd: Path) -> tuple[str, ConfigMount | None]:
+    """The CONFIG argument as the container sees it, and the mount that makes it visible.
+
+    An existing host file is mounted, so edits need no image rebuild; anything else (a path
+    inside the image such as experiments/lesson.yaml when run elsewhere) is passed unchanged.
+    """
+    host_path = Path(config).expanduser()
+    if not host_path.is_absolute():
+        host_path = cwd / host_path
+    if not host_path.is_file():
+        return config, None
+    mount = ConfigMount(host_path.resolve(), f"{CONTAINER_CONFIG_DIR}/{host_path.name}")
+    return mount.container_path, mount
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise LaunchError(f"--set {item!r} is not KEY=VALUE, e.g. --set train.lr=3e-4.")
+
+
+def launch_commands(
+    config: str,
+    device: str,
+    overrides: Sequence[str] = (),
+    detach: bool = False,
+    build: bool = False,
+    project_dir: Path = Path("."),
+    mount: ConfigMount | None = None,
+) -> list[list[str]]:
+    """The `docker compose` commands for one run: start the server and wait, then train.
+
+    `device` must already be `cpu` or `cuda` (see `pick_device` for `auto`); `config` is the
+    path the container sees.
+    """
+    if device not in SERVICES:
+        raise LaunchError(f"device {device!r} is not one of: cpu, cuda.")
+    check_overrides(overrides)
+    compose = ["docker", "compose", "--project-directory", str(project_dir),
+               "--file", str(project_dir / COMPOSE_FILE)]
+    if device == "cuda":
+        compose += ["--profile", "gpu"]
+    build_flag = ["--build"] if build else []
+    start_server = [*compose, "up", "--detach", "--wait", *build_flag, "mlflow"]
+    run = [*compose, "run", "--rm", *build_flag]
+    if detach:
+        run.append("--detach")
+    if mount is not None:
+        run += ["--volume", mount.volume]
+    run += [SERVICES[device], "train", config]
+    for item in overrides:
+        run += ["--set", item]
+    return [start_server, run]
+
+
+def has_nvidia_runtime(docker_info_runtimes: str) -> bool:
+    """Whether `docker info --format '{{json .Runtimes}}'` output lists the NVIDIA runtime."""
+    try:
+        runtimes = json.loads(docker_info_runtimes or "{}")
+    except json.JSONDecodeError:
+        return False
+    return isinstance(runtimes, dict) and "nvidia" in runtimes
+
+
+def pick_device(device: str, docker_info_runtimes: str) -> str:
+    if device not in DEVICES:
+        raise LaunchError(f"--device {device!r} is not one of: {', '.join(DEVICES)}.")
+    if device != "auto":
+        return device
+    return "cuda" if has_nvidia_runtime(docker_info_runtimes) else "cpu"
+
+
+def find_project_dir(cwd: Path) -> Path:
+    """The folder holding tinytale's compose.yaml: this checkout's root, else cwd or a parent."""
+    candidates = [Path(__file__).resolve().parents[1], cwd, *cwd.parents]
+    for folder in candidates:
+        if (folder / COMPOSE_FILE).is_file() and (folder / "docker" / "Dockerfile").is_file():
+            return folder
+    raise LaunchError(
+        f"No tinytale {COMPOSE_FILE} found in {cwd} or its parents: run this from the tinytale "
+        "checkout."
+    )
+
+
+def _docker(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=False)
+
+
+def check_docker() -> str:
+    """Fail with one sentence when Docker cannot run the stack; return the engine's runtimes."""
+    if shutil.which("docker") is None:
+        raise LaunchError(
+            "The docker command is not installed: install Docker (or run "
+            "scripts/docker-offline.sh on Debian), or train without containers with `tinytale train`."
+        )
+    info = _docker("info", "--format", "{{json .Runtimes}}")
+    if info.returncode != 0:
+        raise LaunchError(
+            "The Docker engine is not running or not reachable (`docker info` failed): start it, "
+            "or train without containers with `tinytale train`."
+        )
+    if _docker("compose", "version").returncode != 0:
+        raise LaunchError(
+            "Docker Compose v2 is missing (`docker compose version` failed): install the compose "
+            "plugin (scripts/docker-offline.sh does on Debian)."
+        )
+    return info.stdout.strip()
+
+
+def _run(argv: list[str]) -> int:
+    """Run and wait, also after Ctrl-C: compose passes it on and the trainer saves a checkpoint."""
+    process = subprocess.Popen(argv)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            continue
+
+
+def launch(
+    config: str = "experiments/lesson.yaml",
+    device: str = "auto",
+    overrides: Sequence[str] = (),
+    detach: bool = False,
+    build: bool = False,
+    project_dir: Path | None = None,
+) -> int:
+    """Train CONFIG in the compose stack (the server is started first); the exit code of the run.
+
+    Raises `LaunchError` when Docker is missing or an option is wrong.
+    """
+    if device not in DEVICES:
+        raise LaunchError(f"--device {device!r} is not one of: {', '.join(DEVICES)}.")
+    check_overrides(overrides)
+    cwd = Path.cwd()
+    project_dir = project_dir or find_project_dir(cwd)
+    if not (project_dir / COMPOSE_FILE).is_file():
+        raise LaunchError(f"{project_dir / COMPOSE_FILE} does not exist.")
+    runtimes = check_docker()
+    container_config, mount = resolve_config(config, cwd)
+    commands = launch_commands(container_config, pick_device(device, runtimes), overrides,
+                               detach=detach, build=build, project_dir=project_dir, mount=mount)
+    for argv in commands:
+        code = _run(argv)
+        if code != 0:
+            return code
+    return 0
