@@ -1,5 +1,6 @@
 # The MLflow tracking server of the compose stack: SQLite runs database in /mlflow/db, artifacts
-# in /mlflow/artifacts, both served over HTTP (clients need no shared filesystem).
+# in /mlflow/artifacts, both served over HTTP (clients need no shared filesystem). Two workers:
+# enough for one trainer and a browser, and the server is healthy in half the time of four.
 #   docker build -f docker/mlflow.Dockerfile -t tinytale-mlflow .
 # BASE_IMAGE and WHEELHOUSE mean what they mean in docker/Dockerfile.
 # Hosts other than localhost must be listed in MLFLOW_SERVER_ALLOWED_HOSTS (compose.yaml adds
@@ -28,4 +29,4 @@ EXPOSE 5000
 ENTRYPOINT ["mlflow", "server"]
 CMD ["--backend-store-uri", "sqlite:////mlflow/db/mlflow.db", \
      "--artifacts-destination", "/mlflow/artifacts", "--serve-artifacts", \
-     "--host", "0.0.0.0", "--port", "5000"]
+     "--host", "0.0.0.0", "--port", "5000", "--workers", "2"]

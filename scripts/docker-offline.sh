@@ -10,25 +10,26 @@
 #   scripts/docker-offline.sh STEP...      # run only some steps: engine compose base wheels env
 #
 # Steps (each one idempotent; a step whose result already exists is skipped):
-#   engine   apt-get install docker.io + debootstrap; start dockerd in the background if
-#            `docker info` does not answer (log: $TINYTALE_DOCKERD_LOG).
+#   engine   apt-get install docker.io if dockerd is missing; start dockerd in the background
+#            if `docker info` does not answer (log: $TINYTALE_DOCKERD_LOG).
 #   compose  the compose v2 plugin from Debian trixie's `docker-compose` package, fetched with a
 #            throw-away apt configuration (the host's apt sources are not changed).
-#   base     a Debian bookworm image with python3 + venv, made by debootstrap and `docker import`,
-#            tagged $TINYTALE_BASE_IMAGE (skipped when that tag exists).
+#   base     a Debian bookworm image with python3 + venv, made by debootstrap (installed with
+#            apt-get if missing) and `docker import`, tagged $TINYTALE_LOCAL_BASE_IMAGE (skipped when
+#            that tag exists).
 #   wheels   docker/wheels/: every wheel the images install (torch CPU, the pinned trainer and
 #            server requirements, the build backend), re-downloaded only when
 #            docker/requirements-*.txt change. The images read it as build context.
 #   env      print `export ...` lines for compose (stdout); everything else goes to stderr.
 #
 # Environment: CI=true turns a missing engine into a loud failure (it is one anyway: every failure
-# exits non-zero). TINYTALE_BASE_IMAGE (default tinytale-base:bookworm) names the base image,
+# exits non-zero). TINYTALE_LOCAL_BASE_IMAGE (default tinytale-base:bookworm) names the base image,
 # TINYTALE_DEBIAN_MIRROR (default: the host's Debian mirror) is used by debootstrap and the
 # compose download.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-base_image=${TINYTALE_BASE_IMAGE:-tinytale-base:bookworm}
+base_image=${TINYTALE_LOCAL_BASE_IMAGE:-tinytale-base:bookworm}
 dockerd_log=${TINYTALE_DOCKERD_LOG:-/var/log/tinytale-dockerd.log}
 wheel_dir=$repo/docker/wheels
 python_version=3.11
@@ -60,15 +61,16 @@ debian_mirror() {
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
+apt_install() {
+    command -v apt-get >/dev/null || die "$* must be installed, and there is no apt-get here"
+    log "installing $* with apt-get"
+    as_root apt-get update -qq >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 step_engine() {
     if docker info >/dev/null 2>&1; then log "engine: a Docker engine answers"; return; fi
-    if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
-        command -v apt-get >/dev/null || die "no Docker engine and no apt-get to install one"
-        log "engine: installing docker.io and debootstrap with apt-get"
-        as_root apt-get update -qq >/dev/null
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap \
-            >/dev/null
-    fi
+    command -v dockerd >/dev/null || apt_install docker.io
     if ! docker info >/dev/null 2>&1; then
         log "engine: starting dockerd (log: $dockerd_log)"
         as_root setsid sh -c "exec dockerd >>'$dockerd_log' 2>&1" </dev/null &
@@ -112,12 +114,13 @@ step_base() {
     if docker image inspect "$base_image" >/dev/null 2>&1; then
         log "base: $base_image exists"; return
     fi
-    command -v debootstrap >/dev/null || die "debootstrap is missing; run the engine step first"
+    command -v debootstrap >/dev/null || apt_install debootstrap
     local rootfs
     rootfs=$(mktemp -d)
     log "base: debootstrap bookworm into $rootfs"
     as_root debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-        bookworm "$rootfs" "$(debian_mirror)" >&2
+        bookworm "$rootfs" "$(debian_mirror)" >"$rootfs.log" 2>&1 \
+        || { tail -n 20 "$rootfs.log" >&2; die "debootstrap failed (log: $rootfs.log)"; }
     as_root rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     as_root tar -C "$rootfs" -c . | docker import -c 'ENV LANG=C.UTF-8' -c 'CMD ["python3"]' \
         - "$base_image" >/dev/null

@@ -75,8 +75,14 @@ def launch_commands(
     if device not in SERVICES:
         raise LaunchError(f"device {device!r} is not one of: cpu, cuda.")
     check_overrides(overrides)
-    compose = ["docker", "compose", "--project-directory", str(project_dir),
-               "--file", str(project_dir / COMPOSE_FILE)]
+    compose = [
+        "docker",
+        "compose",
+        "--project-directory",
+        str(project_dir),
+        "--file",
+        str(project_dir / COMPOSE_FILE),
+    ]
     if device == "cuda":
         compose += ["--profile", "gpu"]
     build_flag = ["--build"] if build else []
@@ -129,8 +135,8 @@ def check_docker() -> str:
     """Fail with one sentence when Docker cannot run the stack; return the engine's runtimes."""
     if shutil.which("docker") is None:
         raise LaunchError(
-            "The docker command is not installed: install Docker (or run "
-            "scripts/docker-offline.sh on Debian), or train without containers with `tinytale train`."
+            "The docker command is not installed: install Docker (or run scripts/docker-offline.sh "
+            "on Debian), or train without containers with `tinytale train`."
         )
     info = _docker("info", "--format", "{{json .Runtimes}}")
     if info.returncode != 0:
@@ -177,8 +183,15 @@ def launch(
         raise LaunchError(f"{project_dir / COMPOSE_FILE} does not exist.")
     runtimes = check_docker()
     container_config, mount = resolve_config(config, cwd)
-    commands = launch_commands(container_config, pick_device(device, runtimes), overrides,
-                               detach=detach, build=build, project_dir=project_dir, mount=mount)
+    commands = launch_commands(
+        container_config,
+        pick_device(device, runtimes),
+        overrides,
+        detach=detach,
+        build=build,
+        project_dir=project_dir,
+        mount=mount,
+    )
     for argv in commands:
         code = _run(argv)
         if code != 0:
