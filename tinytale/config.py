@@ -213,7 +213,7 @@ class Config:
             section_cls = _SECTIONS.get(section)
             if section_cls is None:
                 raise ConfigError(
-                    f"unknown section '{section}' in {source}{_suggest(section, _SECTIONS)}; "
+                    f"unknown section {str(section)!r} in {source}{_suggest(str(section), _SECTIONS)}; "
                     f"sections are {_section_names()}."
                 )
             kwargs[section] = _build_section(section, section_cls, value or {}, source)
@@ -249,7 +249,7 @@ def _build_section(name: str, cls: type, values: Any, source: str) -> Any:
     for key, value in values.items():
         if key not in known:
             raise ConfigError(
-                f"unknown key '{name}.{key}' in {source}{_suggest(str(key), known)}; "
+                f"unknown key {f'{name}.{key}'!r} in {source}{_suggest(str(key), known)}; "
                 f"keys of '{name}' are: {', '.join(sorted(known))}."
             )
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
@@ -337,7 +337,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     key = key.strip()
     if not sep or key.count(".") != 1:
         raise ConfigError(
-            f"--set '{text}' is not of the form section.key=value; write e.g. --set train.lr=3e-4."
+            f"--set {text!r} is not of the form section.key=value; write e.g. --set train.lr=3e-4."
         )
     section, name = key.split(".")
     try:
@@ -390,8 +390,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         section, name, value = parse_override(text)
         if section not in _SECTIONS:
             raise ConfigError(
-                f"--set '{text}': unknown section '{section}'{_suggest(section, _SECTIONS)}; "
+                f"--set {text!r}: unknown section {section!r}{_suggest(section, _SECTIONS)}; "
                 f"sections are {_section_names()}."
+            )
+        known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        if name not in known:
+            raise ConfigError(
+                f"--set {text!r}: unknown key '{section}.{name}'{_suggest(name, known)}; "
+                f"keys of '{section}' are: {', '.join(sorted(known))}."
             )
         if not isinstance(raw.get(section) or {}, dict):
             raise ConfigError(f"section '{section}' in {source} must be a mapping.")

@@ -25,7 +25,7 @@ from tinytale.model import GPT, GPTConfig
 from tinytale.sample import generate
 from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from tinytale.tracking import RunInfo, Tracker
-from tinytale.train import FitResult, StopRequest, fit, resolve_device
+from tinytale.train import FitResult, StopRequest, fit, resolve_device, seed_everything
 
 
 def run_name_of(config: Config) -> str:
@@ -139,6 +139,7 @@ def train_run(
 
     device = resolve_device(config.train.device)
     data = prepare_data(config, tokenizer)
+    seed_everything(config.train.seed)  # the initial weights depend on the seed alone
     model = build_model(config, data.tokenizer.vocab_size)
     info = RunInfo(
         experiment=config.tracking.experiment,

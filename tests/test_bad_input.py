@@ -1,0 +1,73 @@
+"""Property-based: random configs and random bytes as corpora never crash with a traceback.
+
+Every outcome is either a working config / corpus, or a `UserError` whose message is one
+sentence; nothing else may escape (anything else would be a bug shown to the user).
+"""
+
+from __future__ import annotations
+
+import string
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tinytale.config import Config, ConfigError, load_config
+from tinytale.corpus import load_corpus
+from tinytale.data import build_data
+from tinytale.errors import UserError
+from tinytale.tokenizer import train_tokenizer
+
+KEYS = list(Config().flat())
+values = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, width=32),
+    st.text(string.printable, max_size=8), st.lists(st.integers(), max_size=2),
+)
+
+
+def _one_sentence(message: str) -> None:
+    assert message and "\n" not in message and "Traceback" not in message
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYS + ["model.nope", "bogus.key"]), values,
+                       max_size=4))
+def test_random_overrides_give_config_or_clear_error(overrides):
+    texts = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+             .removesuffix("\n...") for k, v in overrides.items()]
+    try:
+        cfg = load_config(None, texts)
+    except ConfigError as exc:
+        _one_sentence(str(exc))
+        return
+    assert cfg.model.n_embd % cfg.model.n_head == 0
+    assert 0 <= cfg.model.dropout < 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.recursive(st.one_of(st.none(), st.integers(), st.text(max_size=5)),
+                    lambda inner: st.dictionaries(st.text(max_size=6), inner, max_size=3)
+                    | st.lists(inner, max_size=3), max_leaves=8))
+def test_random_yaml_documents(tmp_path_factory, document):
+    path = tmp_path_factory.mktemp("cfg") / "x.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        _one_sentence(str(exc))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=3000))
+def test_random_bytes_as_corpus(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("corpus") / "tales.txt"
+    path.write_bytes(blob)
+    try:
+        stories = load_corpus(str(path))
+        tokenizer = train_tokenizer("char", stories)
+        data = build_data(stories, tokenizer, block_size=8, val_fraction=0.2, seed=0,
+                          batch_size=2)
+    except UserError as exc:
+        _one_sentence(str(exc))
+        return
+    assert len(data.train) >= 2 and len(data.val) >= 1

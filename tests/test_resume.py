@@ -1,0 +1,147 @@
+"""Real signals against a real `tinytale train` process: graceful stop, SIGKILL, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tinytale.checkpoint import load_checkpoint, save_checkpoint
+
+ARGS = ["--no-tracking", "--json",
+        "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32",
+        "--set", "model.block_size=16", "--set", "model.dropout=0.1",
+        "--set", "train.batch_size=8", "--set", "train.warmup_steps=4",
+        "--set", "data.n_stories=80", "--set", "train.device=cpu", "--set", "train.num_threads=1"]
+
+
+def tinytale(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tinytale", *args]
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(tinytale("train", *ARGS, "--out", str(out), *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("condition not reached in time")
+
+
+def last_state(out: Path) -> dict | None:
+    found = sorted(out.rglob("last.pt"))
+    if not found:
+        return None
+    try:
+        return load_checkpoint(found[0])
+    except Exception:
+        return None
+
+
+def history(out: Path) -> list[dict]:
+    return load_checkpoint(next(out.rglob("last.pt")))["train_state"]["history"]
+
+
+def test_sigterm_checkpoints_and_resume_auto_continues(tmp_path):
+    out = tmp_path / "runs"
+    proc = start(out, "--set", "train.epochs=12")
+    wait_for(lambda: (s := last_state(out)) is not None and s["train_state"]["epoch"] >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["status"] == "KILLED"
+    stopped = last_state(out)
+    assert not stopped["finished"]
+
+    resumed = subprocess.run(tinytale("train", *ARGS, "--out", str(out), "--resume", "auto",
+                                      "--set", "train.epochs=12"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [h["epoch"] for h in history(out)]
+    assert epochs == list(range(1, 13))
+    assert len(list(out.rglob("last.pt"))) == 1  # resumed into the same run folder
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    epochs = ["--set", "train.epochs=4", "--set", "train.checkpoint_every_steps=2"]
+    straight = subprocess.run(tinytale("train", *ARGS, "--out", str(tmp_path / "a"), *epochs),
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "b"
+    proc = start(out, *epochs)
+
+    def mid_epoch() -> bool:
+        s = last_state(out)
+        return s is not None and s["train_state"]["epoch"] >= 2 and s["train_state"]["batch"] > 0
+
+    wait_for(mid_epoch, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    resumed = subprocess.run(tinytale("train", *ARGS, "--out", str(out), "--resume", "auto",
+                                      *epochs), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stderr
+    a, b = history(tmp_path / "a"), history(out)
+    assert [h["epoch"] for h in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):  # bit-identical on CPU
+        assert (x["train_loss"], x["val_loss"]) == (y["train_loss"], y["val_loss"])
+
+
+def test_resume_auto_skips_a_corrupt_checkpoint(tmp_path):
+    out = tmp_path / "runs"
+    first = subprocess.run(tinytale("train", *ARGS, "--out", str(out), "--set", "train.epochs=3"),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    last = next(out.rglob("last.pt"))
+    prev = last.with_name("last.prev.pt")
+    # Make the previous checkpoint look unfinished and the newest one truncated.
+    state = load_checkpoint(prev)
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, prev)
+    last.write_bytes(last.read_bytes()[:100])
+    os.utime(prev, (time.time() - 5, time.time() - 5))
+
+    bad = subprocess.run(tinytale("generate", str(last)), capture_output=True, text=True)
+    assert bad.returncode == 2 and str(last) in bad.stderr and "Traceback" not in bad.stderr
+
+    resumed = subprocess.run(tinytale("train", *ARGS, "--out", str(out), "--resume", "auto",
+                                      "--set", "train.epochs=3"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stderr
+    assert load_checkpoint(last)["finished"]
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    """A writer killed mid-save leaves only a temp file; the real checkpoint is untouched."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}}, path)
+    code = (
+        "import os, torch, signal\n"
+        "from tinytale import checkpoint\n"
+        "real_save = torch.save\n"
+        "def dying_save(obj, f):\n"
+        "    f.write(b'partial'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = dying_save\n"
+        f"checkpoint.save_checkpoint({{'model': {{'w': torch.zeros(3)}}}}, {str(path)!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
