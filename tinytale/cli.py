@@ -128,10 +128,13 @@ def train(
     stop = StopRequest()
     with user_errors():
         cfg = load_config(config, overrides)
-        tracker = build_tracker(cfg, tracking_uri, no_tracking)
+        # Under torchrun only rank 0 talks to the console and to MLflow.
+        rank = int(os.environ.get("RANK", "0"))
+        tracker = build_tracker(cfg, tracking_uri, no_tracking or rank != 0, quiet=rank != 0)
         with graceful_stop(stop):
             outcome = train_run(cfg, out, tracker, resume=resume, stop=stop,
-                                parent_run_id=os.environ.get("TINYTALE_PARENT_RUN_ID"))
+                                parent_run_id=os.environ.get("TINYTALE_PARENT_RUN_ID"),
+                                extra_tags=_env_run_tags())
     summary = outcome.summary
     if json_out:
         typer.echo(json.dumps(summary))
@@ -201,6 +204,196 @@ def resolve_model_source(source: str, tracking_uri: str | None) -> Path:
     from tinytale.mlflow_tracker import download_checkpoint
 
     return download_checkpoint(source, tracking_uri)
+
+
+def _env_run_tags() -> dict[str, str] | None:
+    """Extra run tags from TINYTALE_RUN_TAGS (a JSON object; `tinytale sweep` sets it)."""
+    raw = os.environ.get("TINYTALE_RUN_TAGS")
+    if not raw:
+        return None
+    try:
+        tags = json.loads(raw)
+    except json.JSONDecodeError:
+        raise UserError("TINYTALE_RUN_TAGS is not valid JSON; give an object such as "
+                        '{"team": "tales"}.') from None
+    if not isinstance(tags, dict):
+        raise UserError("TINYTALE_RUN_TAGS must be a JSON object of tag names to values.")
+    return {str(k): str(v) for k, v in tags.items()}
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(
+        help="Sweep YAML: name, base experiment, grid and/or points, optional set and "
+             "experiment (see experiments/sweep_regularization.yaml).")],
+    parallel: Annotated[int, typer.Option(
+        min=1, help="Points to run at once, each as its own process on this machine "
+                    "(CPU threads are shared out between them). To run points in containers "
+                    "use `tinytale launch`.")] = 1,
+    rerun: Annotated[bool, typer.Option(
+        "--rerun", help="Run every point again, even those already FINISHED in this "
+                        "sweep.")] = False,
+    out: Annotated[Path, typer.Option(
+        envvar="TINYTALE_OUT",
+        help="Folder for checkpoints and logs: OUT/<sweep>/<point>/... and "
+             "OUT/<sweep>/logs/<point>.log.")] = Path("runs"),
+    experiment: Annotated[str | None, typer.Option(
+        help="MLflow experiment (overrides the sweep file and the base config).")] = None,
+    tracking_uri: TrackingUriOption = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List the points and their run names; run nothing.")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the sweep result as one JSON object on stdout.")] = False,
+) -> None:
+    """Run a base experiment over a grid of overrides: one child MLflow run per point.
+
+    Points nest under one parent run named after the sweep; finished points are skipped.
+
+    A failed point is recorded as a FAILED run and the sweep goes on.
+
+    Exit code: number of failed points (at most 125); 2 bad sweep file; 130/143 interrupted.
+    """
+    from tinytale.sweep import (load_sweep, render_results, resolved_overrides, run_sweep,
+                                sweep_experiment)
+
+    with user_errors():
+        spec = load_sweep(sweep_file)
+        if dry_run:
+            exp = sweep_experiment(spec, experiment)
+            typer.echo(f"sweep '{spec.name}': {len(spec.points)} points of {spec.base} in "
+                       f"experiment '{exp}'")
+            for i, point in enumerate(spec.points, 1):
+                typer.echo(f"{i:>3}. {point.run_name}  "
+                           f"{json.dumps(resolved_overrides(spec, point))}")
+            return
+        result = run_sweep(spec, tracking_uri, out, parallel, rerun, experiment)
+    typer.echo(json.dumps(result.to_json()) if json_out else render_results(result))
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str] | None, typer.Argument(
+        metavar="[RUN_ID|RUN_NAME]...",
+        help="Runs by id or by name (a name means its newest run).")] = None,
+    experiment: Annotated[str | None, typer.Option(
+        help="Compare the newest runs of this experiment (with runs or --sweep: look them "
+             "up only there).")] = None,
+    sweep_name: Annotated[str | None, typer.Option(
+        "--sweep", help="Compare every point run of this sweep; the figure is also logged "
+                        "to the sweep's parent run.")] = None,
+    metric: Annotated[str, typer.Option(
+        help="Validation metric (lower is better) that picks the best epoch and the "
+             "onset; its train_ twin is drawn dashed.")] = "val_loss",
+    patience: Annotated[int, typer.Option(
+        min=1, help="Overfitting onset: the first epoch after which the metric rose this "
+                    "many epochs in a row.")] = 3,
+    out: Annotated[Path, typer.Option(
+        help="Figure file; .png (default) or .svg.")] = Path("curves.png"),
+    svg: Annotated[bool, typer.Option(
+        "--svg", help="Also write an SVG next to the PNG.")] = False,
+    limit: Annotated[int, typer.Option(
+        min=1, help="With --experiment alone: how many of the newest runs.")] = 100,
+    no_log_figure: Annotated[bool, typer.Option(
+        "--no-log-figure", help="Do not upload the figure to the sweep's parent run.")] = False,
+    tracking_uri: TrackingUriOption = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the table as a JSON list of objects, one per run.")] = False,
+) -> None:
+    """Draw train (dashed) and validation (solid) curves of several runs; table of overfitting.
+
+    Table: run, overrides, best epoch, best val loss and perplexity, final gap, onset, tokens/s.
+
+    Final gap = val - train loss at the last epoch. The table (or JSON) goes to stdout.
+    """
+    from tinytale import compare as cmp
+    from tinytale import mlflow_reader as mr
+
+    with user_errors():
+        if out.suffix.lower() not in (".png", ".svg"):
+            raise UserError(f"--out '{out}' must end in .png or .svg.")
+        found = mr.find_runs(tracking_uri, runs or [], experiment, sweep_name, limit)
+        mr.fetch_histories(tracking_uri, found, cmp.metrics_needed(metric))
+        if not any(r.histories.get(metric) for r in found):
+            raise UserError(f"none of the {len(found)} runs logged the metric '{metric}'; "
+                            "use e.g. --metric val_loss.")
+        rows = cmp.summarize_all(found, metric, patience)
+        title = None
+        if sweep_name:
+            title = f"Sweep '{sweep_name}': train vs validation {metric.removeprefix('val_')}"
+        figures = [cmp.plot_curves(found, rows, out, metric, title)]
+        if svg and out.suffix.lower() != ".svg":
+            figures.append(cmp.plot_curves(found, rows, out.with_suffix(".svg"), metric, title))
+        for figure in figures:
+            typer.echo(f"figure: {figure}", err=True)
+        parents = [r.tags.get(mr.PARENT_TAG) for r in found if r.tags.get(mr.PARENT_TAG)]
+        if sweep_name and parents and not no_log_figure:
+            parent = max(set(parents), key=parents.count)
+            for figure in figures:
+                path = mr.log_figure(tracking_uri, parent, figure)
+                typer.echo(f"logged {path} to sweep parent run {parent}", err=True)
+    typer.echo(cmp.render_json(rows) if json_out else cmp.render_table(rows))
+
+
+@app.command()
+def runs(
+    experiment: Annotated[str, typer.Option(
+        help="MLflow experiment whose runs to list.")] = "tinytale",
+    limit: Annotated[int, typer.Option(min=1, help="How many of the newest runs.")] = 50,
+    tracking_uri: TrackingUriOption = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print a JSON list of objects, one per run.")] = False,
+) -> None:
+    """Table of runs: name, status, epochs, best val loss, best epoch, registered version."""
+    from tinytale.mlflow_tracker import list_runs
+
+    with user_errors():
+        rows = list_runs(experiment, tracking_uri, limit)
+    if json_out:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo(f"no runs in experiment '{experiment}'")
+        return
+    header = ("run id", "name", "status", "epochs", "best val", "best ep", "version")
+    table = [header] + [(
+        r["run_id"][:12], r["run_name"] or "", r["status"],
+        "" if r["epochs"] is None else str(r["epochs"]),
+        "" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f}",
+        "" if r["best_epoch"] is None else str(r["best_epoch"]),
+        f"{r['registered_model']}/{r['registered_version']}" if r["registered_version"] else "",
+    ) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@app.command()
+def sync(
+    run: Annotated[str, typer.Argument(
+        help="A run folder (OUT/<run name>/<timestamp>, holding mlflow_spool.jsonl), or the "
+             "MLflow run id of a run trained with this --out.")],
+    out: Annotated[Path, typer.Option(
+        envvar="TINYTALE_OUT", help="Where to look for a run given by id.")] = Path("runs"),
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="Send to this MLflow instead of the one the run was "
+                               "trained against.")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Send what a run spooled while MLflow was unreachable (metrics, artifacts, model)."""
+    from tinytale.mlflow_tracker import find_spool, sync_spool
+
+    with user_errors():
+        result = sync_spool(find_spool(run, out), tracking_uri)
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"run {result['run_id']} at {result['tracking_uri']}: sent "
+               f"{result['records_sent']} spooled records ({result['metrics_sent']} metric "
+               "values)" + (f"; registered models:/{result['registered_model']}/"
+                            f"{result['registered_version']}"
+                            if result.get("registered_version") else ""))
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -7,6 +7,7 @@ Every user mistake becomes a `ConfigError` whose message names the field, the va
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -125,6 +126,10 @@ class TrainConfig:
         "with nonfinite=skip, fail after this many skipped steps", default=10
     )
     num_threads: int = _doc("CPU threads for torch (0 = torch's default)", default=0)
+    peak_tflops: float | None = _doc(
+        "device peak TFLOP/s for MFU (null: looked up for known GPUs; no MFU on CPU)",
+        default=None,
+    )
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -143,6 +148,8 @@ class TrainConfig:
         _non_negative("train.checkpoint_every_steps", self.checkpoint_every_steps)
         _non_negative("train.max_skipped_steps", self.max_skipped_steps)
         _non_negative("train.num_threads", self.num_threads)
+        if self.peak_tflops is not None:
+            _positive("train.peak_tflops", self.peak_tflops)
 
 
 @dataclass
@@ -213,8 +220,8 @@ class Config:
             section_cls = _SECTIONS.get(section)
             if section_cls is None:
                 raise ConfigError(
-                    f"unknown section {str(section)!r} in {source}{_suggest(str(section), _SECTIONS)}; "
-                    f"sections are {_section_names()}."
+                    f"unknown section {str(section)!r} in {source}"
+                    f"{_suggest(str(section), _SECTIONS)}; sections are {_section_names()}."
                 )
             kwargs[section] = _build_section(section, section_cls, value or {}, source)
         return cls(**kwargs).validate()
@@ -328,7 +335,9 @@ def _in_range(
     if value != value or too_low or too_high:  # value != value catches NaN
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
-        raise ConfigError(f"{path}={value} is out of range; it must lie in {left}{lo}, {hi}{right}.")
+        raise ConfigError(
+            f"{path}={value} is out of range; it must lie in {left}{lo}, {hi}{right}."
+        )
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -345,11 +354,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     except yaml.YAMLError:
         value = raw
     # YAML 1.1 reads "3e-4" as a string; accept plain floats written that way.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and any(c in value for c in ".eE"):
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return section, name, value
 
 
@@ -372,7 +379,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         try:
             loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
-            raise ConfigError(f"config file '{file}' is not UTF-8 text; pass a YAML file.") from None
+            raise ConfigError(
+                f"config file '{file}' is not UTF-8 text; pass a YAML file."
+            ) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

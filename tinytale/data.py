@@ -83,27 +83,37 @@ def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
 
 
 class EpochBatches(Sampler[list[int]]):
-    """Shuffled full batches of one epoch, starting at batch `start`; order from (seed, epoch)."""
+    """One rank's shuffled full batches of an epoch from batch `start`; order from (seed, epoch).
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
-        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+    With `world` ranks, global micro-batch g = b * world + rank goes to `rank` at its b-th
+    micro-batch, so 2 ranks with batch 4 see exactly the windows 1 rank with batch 8 sees.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.start, self.rank, self.world = start, rank, world
+
+    def per_rank(self) -> int:
+        return self.n // (self.batch_size * self.world)
 
     def __len__(self) -> int:
-        return max(0, self.n // self.batch_size - self.start)
+        return max(0, self.per_rank() - self.start)
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=generator)
-        for b in range(self.start, self.n // self.batch_size):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+        for b in range(self.start, self.per_rank()):
+            g = b * self.world + self.rank
+            yield order[g * self.batch_size : (g + 1) * self.batch_size].tolist()
 
 
 def train_loader(
     windows: TokenWindows, batch_size: int, seed: int, epoch: int, start: int = 0,
-    pin_memory: bool = False,
+    pin_memory: bool = False, rank: int = 0, world: int = 1,
 ) -> DataLoader:
     """The epoch's training batches (drop-last, so every micro-batch has the same size)."""
-    sampler = EpochBatches(len(windows), batch_size, seed, epoch, start)
+    sampler = EpochBatches(len(windows), batch_size, seed, epoch, start, rank, world)
     # A private generator: creating the iterator must not draw from torch's global RNG,
     # or a resumed run's dropout masks would drift from the uninterrupted run's.
     return DataLoader(windows, batch_sampler=sampler, collate_fn=_whole_batch,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import tinytale
+from tinytale import distributed
 from tinytale.checkpoint import CheckpointError, find_resumable, load_checkpoint
 from tinytale.config import Config
 from tinytale.corpus import load_corpus
@@ -137,7 +138,8 @@ def train_run(
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_dir = out_dir / run_name / stamp
 
-    device = resolve_device(config.train.device)
+    dist = distributed.from_env()
+    device = distributed.setup(dist, resolve_device(config.train.device))
     data = prepare_data(config, tokenizer)
     seed_everything(config.train.seed)  # the initial weights depend on the seed alone
     model = build_model(config, data.tokenizer.vocab_size)
@@ -158,12 +160,12 @@ def train_run(
             model, data, config.train, tracker, run_dir, device,
             checkpoint_extra={"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict()},
             resume=resume_state, stop=stop,
-            log_every_steps=config.tracking.log_every_steps,
+            log_every_steps=config.tracking.log_every_steps, dist=dist,
         )
         status = result.status
         summary = {"run_id": run_id, **result.summary(), "vocab_size": data.tokenizer.vocab_size,
                    "run_dir": str(run_dir)}
-        if result.status == "FINISHED" and result.best_checkpoint is not None:
+        if result.status == "FINISHED" and result.best_checkpoint is not None and dist.is_main:
             samples = sample_texts(result.best_checkpoint, config.tracking.samples)
             if samples:
                 tracker.log_text("samples.txt", "\n\n---\n\n".join(samples))
@@ -171,6 +173,7 @@ def train_run(
         return RunOutcome(result, summary)
     finally:
         tracker.finish(status)
+        distributed.teardown(dist)
 
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:

@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from tinytale.checkpoint import BEST, LAST, capture_rng, restore_rng, save_checkpoint
 from tinytale.config import TrainConfig
 from tinytale.data import DataBundle, eval_loader, train_loader
+from tinytale.distributed import Dist
 from tinytale.errors import UserError
 from tinytale.model import GPT, param_groups
 from tinytale.schedule import lr_at
@@ -123,6 +125,23 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         return torch.optim.AdamW(groups, **kwargs)
 
 
+# Dense bf16 peak FLOP/s of common accelerators, for model FLOPs utilisation (MFU).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+    "A10": 125e12, "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of the device, or None when unknown (CPUs): then no MFU is reported."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -158,9 +177,11 @@ def fit(
     resume: dict[str, Any] | None = None,
     stop: StopRequest | None = None,
     log_every_steps: int = 0,
+    dist: Dist | None = None,
 ) -> FitResult:
     """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring."""
     stop = stop if stop is not None else StopRequest()
+    d = dist or Dist()
     extra = checkpoint_extra or {}
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -179,19 +200,26 @@ def fit(
                                      "step": state.step})
 
     use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
-    step_model = torch.compile(model) if use_compile else model
+    step_model: torch.nn.Module = torch.compile(model) if use_compile else model
+    if d.enabled:
+        step_model = DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None)
     accum = cfg.grad_accum_steps
-    steps_per_epoch = len(data.train) // cfg.batch_size // accum
+    steps_per_epoch = len(data.train) // (cfg.batch_size * d.world_size) // accum
     micro_per_epoch = steps_per_epoch * accum
     total_steps = steps_per_epoch * cfg.epochs
     eval_bs = cfg.eval_batch_size or 4 * cfg.batch_size
-    tokens_per_micro = cfg.batch_size * data.train.block_size
+    tokens_per_micro = cfg.batch_size * data.train.block_size * d.world_size
+    flops_per_token = model.flops_per_token()
+    peak = peak_flops(device, cfg.peak_tflops)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     best_path, last_path = run_dir / BEST, run_dir / LAST
     best_exists = best_path.exists() and resume is not None
 
     def checkpoint(path: Path, finished: bool = False) -> Path:
+        if not d.is_main:
+            return path
         return save_checkpoint(
             {
                 **extra,
@@ -218,14 +246,19 @@ def fit(
         grad_norm_sum = torch.tensor(state.epoch_grad_norm_sum, device=device)
         step_loss = torch.zeros((), device=device)
         loader = train_loader(data.train, cfg.batch_size, cfg.seed, epoch, start=state.batch,
-                              pin_memory=device.type == "cuda")
+                              pin_memory=device.type == "cuda", rank=d.rank, world=d.world_size)
         for x, y in loader:
             if state.batch >= micro_per_epoch:
                 break  # leftover micro-batches that cannot fill an optimizer step
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_for(device):
-                _, loss = step_model(x, y)
-            (loss / accum).backward()
+            # Gradients are all-reduced only on the last micro-batch of a step.
+            last_micro = (state.batch + 1) % accum == 0
+            sync = contextlib.nullcontext() if last_micro or not d.enabled else \
+                step_model.no_sync()
+            with sync:
+                with autocast_for(device):
+                    _, loss = step_model(x, y)
+                (loss / accum).backward()
             step_loss += loss.detach()
             state.batch += 1
             tracker.on_progress(epoch, state.batch, micro_per_epoch)
@@ -258,15 +291,17 @@ def fit(
                 tracker.log_metrics({"train_loss_step": float(step_loss) / accum,
                                      "lr_step": lr}, state.step)
             step_loss.zero_()
-            if stop or (cfg.checkpoint_every_steps
+            stopping = d.any(bool(stop), device) if d.enabled else bool(stop)
+            if stopping or (cfg.checkpoint_every_steps
                         and state.step % cfg.checkpoint_every_steps == 0):
                 state.epoch_loss_sum = float(loss_sum)
                 state.epoch_grad_norm_sum = float(grad_norm_sum)
                 state.epoch_elapsed_s = time.perf_counter() - t_start
                 checkpoint(last_path)
-                if stop:
-                    return result("KILLED", f"stopped by {stop.reason}")
+                if stopping:
+                    return result("KILLED", f"stopped by {stop.reason or 'another rank'}")
 
+        loss_sum = d.mean(loss_sum)
         train_loss = float(loss_sum) / max(1, state.epoch_steps * accum)
         train_elapsed = time.perf_counter() - t_start
         val_loss = evaluate(model, data, eval_bs, device)
@@ -283,6 +318,8 @@ def fit(
             "tokens_per_sec": micro_per_epoch * tokens_per_micro / max(train_elapsed, 1e-9),
             "epoch_time_s": epoch_time,
         }
+        if peak:
+            metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / peak
         state.history.append({"epoch": epoch, **metrics})
         state.train_time_s += epoch_time
         improved = val_loss < state.best_val_loss
@@ -307,8 +344,8 @@ def fit(
             tracker.on_event("early_stop", {"epoch": epoch, "best_epoch": state.best_epoch,
                                             "patience": cfg.patience})
             return result("FINISHED", early=True)
-        if stop:
-            return result("KILLED", f"stopped by {stop.reason}")
+        if d.any(bool(stop), device) if d.enabled else stop:
+            return result("KILLED", f"stopped by {stop.reason or 'another rank'}")
     return result("FINISHED")
 
 
