@@ -51,6 +51,7 @@ def test_greedy_generation_is_deterministic(trained):
         (["train", "missing.yaml", "--no-tracking"], "does not exist"),
         (["train", "--set", "data.corpus=nowhere.txt", "--no-tracking"], "neither a built-in"),
         (["generate", "missing.pt"], "does not exist"),
+        (["generate", "tests"], "holds no best.pt"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(args, message):
