@@ -135,8 +135,8 @@ def train_metric_for(metric: str) -> str | None:
 
 
 def metrics_needed(metric: str) -> list[str]:
-    """Histories compare has to fetch for `metric`."""
-    keys = [metric, "val_loss", "train_loss", "tokens_per_sec"]
+    """Histories compare has to fetch for `metric` (tokens/s comes from the latest value)."""
+    keys = [metric, "val_loss", "train_loss"]
     train = train_metric_for(metric)
     if train:
         keys.append(train)
@@ -311,8 +311,11 @@ def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out:
     train_key = train_metric_for(metric)
     n = len(runs)
     legend_outside = n > 6
-    fig = Figure(figsize=(12 if legend_outside else 10, 6.5), dpi=110, layout="constrained")
+    fig = Figure(figsize=(13 if legend_outside else 10, 6.5), dpi=100)
     FigureCanvasAgg(fig)
+    # Fixed margins: cheaper than constrained layout; room on the right for a long legend.
+    fig.subplots_adjust(left=0.07, bottom=0.1, top=0.92,
+                        right=(0.7 if n > 25 else 0.74) if legend_outside else 0.97)
     ax = fig.add_subplot()
     colours = _colours(n)
     run_handles = []
@@ -331,7 +334,7 @@ def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out:
             ax.plot([summary.best_epoch], [summary.best_metric_value], marker="o",
                     markersize=5 if many else 8, color=colour, markeredgecolor="black",
                     markeredgewidth=0.8, linestyle="none", zorder=5)
-        if summary.overfit_onset is not None:
+        if summary.overfit_onset is not None and not many:
             ax.axvline(summary.overfit_onset, color=colour, linewidth=0.8, linestyle=":",
                        alpha=0.7)
         run_handles.append(Line2D([], [], color=colour, linewidth=2.5, label=run_label(summary)))

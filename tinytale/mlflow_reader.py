@@ -36,11 +36,14 @@ _BULK_MAX_STEPS = 2500  # the server's limit of values per run and request
 
 
 def tracking_uri_or_default(uri: str | None) -> str:
-    """The URI given, else MLFLOW_TRACKING_URI, else the project default ./mlflow.db."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    """The URI given, else MLFLOW_TRACKING_URI, else ./mlflow.db (absolute), as `train` does."""
+    uri = (uri or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
 def _client(uri: str | None) -> Any:
+    # MLflow would print "View run ... at URL" on stdout when a run ends; keep stdout clean.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri_or_default(uri))
@@ -230,10 +233,12 @@ def ensure_experiment(tracking_uri: str | None, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:"):
-        location = Path("mlartifacts").resolve().as_uri()
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, as train does
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(
+            name, artifact_location=location,
+            tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException:
         exp = client.get_experiment_by_name(name)  # created concurrently
         if exp is None:
