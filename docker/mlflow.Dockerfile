@@ -13,8 +13,8 @@ ARG WHEELHOUSE=""
 ENV WHEELHOUSE=${WHEELHOUSE}
 RUN python3 -m venv /opt/venv
 COPY docker/wheels/ /wheels/
-COPY docker/pip-install.sh docker/requirements-mlflow.txt /build/
-RUN /build/pip-install.sh -r /build/requirements-mlflow.txt && /opt/venv/bin/pip check
+COPY docker/pip.sh docker/requirements-mlflow.txt /build/
+RUN /build/pip.sh install -r /build/requirements-mlflow.txt && /opt/venv/bin/pip check
 
 FROM ${BASE_IMAGE}
 RUN useradd --create-home --uid 10001 --user-group mlflow \

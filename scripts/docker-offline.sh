@@ -9,23 +9,29 @@
 #
 #   scripts/docker-offline.sh STEP...      # run only some steps: engine compose base wheels env
 #
+# In a `set -e` script, `eval "$(...)"` hides a failure of the script (eval of nothing succeeds);
+# there, write `exports=$(scripts/docker-offline.sh)` and then `eval "$exports"`.
+#
 # Steps (each one idempotent; a step whose result already exists is skipped):
 #   engine   apt-get install docker.io if dockerd is missing; start dockerd in the background
 #            if `docker info` does not answer (log: $TINYTALE_DOCKERD_LOG).
 #   compose  the compose v2 plugin from Debian trixie's `docker-compose` package, fetched with a
 #            throw-away apt configuration (the host's apt sources are not changed).
 #   base     a Debian bookworm image with python3 + venv, made by debootstrap (installed with
-#            apt-get if missing) and `docker import`, tagged $TINYTALE_LOCAL_BASE_IMAGE (skipped when
-#            that tag exists).
+#            apt-get if missing) and `docker import`, tagged $TINYTALE_LOCAL_BASE_IMAGE
+#            (skipped when that tag exists).
 #   wheels   docker/wheels/: every wheel the images install (torch CPU, the pinned trainer and
 #            server requirements, the build backend), re-downloaded only when
 #            docker/requirements-*.txt change. The images read it as build context.
 #   env      print `export ...` lines for compose (stdout); everything else goes to stderr.
 #
-# Environment: CI=true turns a missing engine into a loud failure (it is one anyway: every failure
-# exits non-zero). TINYTALE_LOCAL_BASE_IMAGE (default tinytale-base:bookworm) names the base image,
-# TINYTALE_DEBIAN_MIRROR (default: the host's Debian mirror) is used by debootstrap and the
-# compose download.
+# Every failure (no apt-get, dockerd not answering, a download failing) exits non-zero with one
+# ERROR line, so CI stops loudly instead of skipping the container tests.
+#
+# Environment: TINYTALE_LOCAL_BASE_IMAGE (default tinytale-base:bookworm) names the base image,
+# TINYTALE_DEBIAN_MIRROR (default: the host's Debian mirror) serves debootstrap and the compose
+# package, TINYTALE_TORCH_CPU_INDEX (default the PyTorch CPU index) the torch wheel; pip's own
+# configuration (PIP_INDEX_URL, PIP_FIND_LINKS, ...) applies to the downloads.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -1,9 +1,0 @@
-#!/bin/sh
-# `pip install` into the image's venv. When the WHEELHOUSE build argument names a folder, pip
-# reads only that folder (scripts/docker-offline.sh fills it): --no-index wins over any
-# --index-url given by the caller, so the Dockerfiles need no second code path.
-set -eu
-if [ -n "${WHEELHOUSE:-}" ]; then
-    set -- --no-index --find-links "$WHEELHOUSE" "$@"
-fi
-exec /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "$@"
