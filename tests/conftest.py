@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,18 +39,28 @@ class MlflowServer:
     process: subprocess.Popen
 
     def stop(self) -> None:
+        """Stop the server and its worker processes (its own process group)."""
         if self.process.poll() is None:
-            self.process.terminate()
+            _signal_group(self.process, signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                _signal_group(self.process, signal.SIGKILL)
                 self.process.wait()
+        # uvicorn may outlive the `mlflow server` parent for a moment: free the port.
+        _signal_group(self.process, signal.SIGKILL)
 
     def start(self) -> None:
         """(Re)start on the same port and store: used by outage tests."""
         self.process = _spawn(self.root, self.port)
         _wait_healthy(self.url, self.process)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)  # started with start_new_session: pgid == pid
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _spawn(root: Path, port: int) -> subprocess.Popen:
@@ -65,7 +76,9 @@ def _spawn(root: Path, port: int) -> subprocess.Popen:
             "--workers", "1",
         ],
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        # No GenAI job runner (two more Python processes tinytale never uses).
+        env={**os.environ, "MLFLOW_TRACKING_URI": "",
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         start_new_session=True,
     )
 

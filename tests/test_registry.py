@@ -1,0 +1,177 @@
+"""Model registry on a real MLflow server: versions of the best checkpoint, the champion
+alias moving only on improvement, loading from models:/ URIs and run ids, pyfunc in a
+fresh process and `mlflow models serve`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import TINY, free_port
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from tinytale.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train(args: list[str]) -> dict:
+    result = CliRunner().invoke(app, ["train", *args, "--json"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def registry(mlflow_server, tmp_path_factory):
+    """Three runs into one registered model: A (3 epochs), B worse (1 epoch), C better."""
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    out = tmp_path_factory.mktemp("registry")
+    base = [a for o in TINY for a in ("--set", o)] + [
+        "--set", f"tracking.registered_model={name}", "--set", "tracking.system_metrics=false",
+        "--set", "train.patience=0", "--experiment", name,
+        "--tracking-uri", mlflow_server.url, "--out", str(out)]
+    client = MlflowClient(mlflow_server.url)
+    a = train([*base, "--run-name", "a"])
+    b = train([*base, "--run-name", "b", "--set", "train.epochs=1"])
+    champion_after_b = client.get_model_version_by_alias(name, "champion").version
+    c = train([*base, "--run-name", "c", "--set", "train.epochs=6"])
+    return {"name": name, "a": a, "b": b, "c": c, "client": client,
+            "champion_after_b": str(champion_after_b), "url": mlflow_server.url}
+
+
+def test_versions_tagged_with_run_and_best_loss(registry):
+    client, name = registry["client"], registry["name"]
+    for key, version in (("a", "1"), ("b", "2"), ("c", "3")):
+        summary = registry[key]
+        assert summary["registered_version"] == version
+        mv = client.get_model_version(name, version)
+        assert mv.tags["run_id"] == summary["run_id"]
+        assert mv.tags["best_epoch"] == str(summary["best_epoch"])
+        assert float(mv.tags["best_val_loss"]) == pytest.approx(summary["best_val_loss"])
+        # the exact logged model of the best checkpoint, not runs:/<id>/model
+        assert mv.source == summary["model_uri"]
+
+
+def test_champion_moves_only_on_improvement(registry):
+    a, b, c = registry["a"], registry["b"], registry["c"]
+    assert b["best_val_loss"] > a["best_val_loss"] > c["best_val_loss"]
+    assert a["champion"] is True and b["champion"] is False and c["champion"] is True
+    assert registry["champion_after_b"] == "1"
+    champion = registry["client"].get_model_version_by_alias(registry["name"], "champion")
+    assert str(champion.version) == "3"
+
+
+def test_registered_checkpoint_is_the_best_not_the_last(registry, tmp_path):
+    """Run C trains 6 epochs; its version must hold best.pt, byte for byte."""
+    from tinytale.mlflow_tracker import download_checkpoint
+
+    c = registry["c"]
+    local = download_checkpoint(f"models:/{registry['name']}/3", registry["url"])
+    best = Path(c["run_dir"]) / "best.pt"
+    digest = hashlib.sha256(local.read_bytes()).hexdigest()
+    assert digest == hashlib.sha256(best.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("source", ["models:/{name}@champion", "models:/{name}/2", "{run_b}"])
+def test_generate_from_registry_sources(registry, source):
+    source = source.format(name=registry["name"], run_b=registry["b"]["run_id"])
+    result = CliRunner().invoke(app, [
+        "generate", source, "--prompt", "once upon a time", "--max-new-tokens", "8",
+        "--seed", "3", "--tracking-uri", registry["url"]])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert result.stdout.startswith("once upon a time")
+
+
+@pytest.mark.parametrize("source", ["models:/{name}@nope", "models:/missing-model/1",
+                                    "0123456789abcdef0123456789abcdef"])
+def test_unknown_model_is_one_sentence(registry, source):
+    result = CliRunner().invoke(app, ["generate", source.format(name=registry["name"]),
+                                      "--tracking-uri", registry["url"]])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_runs_listing(registry):
+    result = CliRunner().invoke(app, ["runs", "--experiment", registry["name"], "--json",
+                                      "--tracking-uri", registry["url"]])
+    assert result.exit_code == 0, result.stderr
+    rows = {r["run_name"]: r for r in json.loads(result.stdout)}
+    assert rows["b"]["epochs"] == 1 and rows["c"]["epochs"] == 6
+    assert rows["c"]["registered_version"] == "3"
+    assert rows["a"]["best_val_loss"] == pytest.approx(registry["a"]["best_val_loss"])
+    table = CliRunner().invoke(app, ["runs", "--experiment", registry["name"],
+                                     "--tracking-uri", registry["url"]])
+    assert "best val" in table.stdout and f"{registry['name']}/3" in table.stdout
+
+
+PYFUNC_CLIENT = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = {
+    "list": model.predict(["once upon a time", "the king"], params={"max_new_tokens": 6}),
+    "frame": model.predict(pd.DataFrame({"prompt": ["once upon a time"]})),
+    "tinytale": sys.modules["tinytale"].__file__,
+}
+print(json.dumps(out))
+"""
+
+
+def test_pyfunc_loads_in_a_fresh_process(registry, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["url"],
+           # the model must bring its own tinytale code (code_paths), not the checkout's
+           "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", PYFUNC_CLIENT, f"models:/{registry['name']}@champion"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["list"]) == 2 and out["list"][0].startswith("once upon a time")
+    assert out["list"][1].startswith("the king")
+    assert len(out["frame"]) == 1 and out["frame"][0].startswith("once upon a time")
+    assert f"{os.sep}code{os.sep}tinytale{os.sep}" in out["tinytale"]  # shipped with the model
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(registry, tmp_path):
+    port = free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin folder must be on it.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["url"],
+           "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "models", "serve", "-m", f"models:/{registry['name']}@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not come up"
+                time.sleep(0.5)
+        body = json.dumps({"inputs": ["once upon a time"], "params": {"max_new_tokens": 5}})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        assert answer["predictions"][0].startswith("once upon a time")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
