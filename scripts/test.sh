@@ -19,7 +19,9 @@ fi
 if [ "${CI:-}" = "true" ] || [ "${TINYTALE_DOCKER:-}" = "1" ]; then
   if [ -f scripts/docker-offline.sh ]; then
     # Prints `export NAME=value` lines for the e2e test (base image, wheelhouse, ...).
-    eval "$(bash scripts/docker-offline.sh)"
+    # Captured first: `eval "$(...)"` would hide the script's failure.
+    exports=$(bash scripts/docker-offline.sh)
+    eval "$exports"
   fi
 fi
 

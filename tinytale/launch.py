@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinytale.errors import UserError
+
 DEVICES = ("auto", "cpu", "cuda")
 SERVICES = {"cpu": "trainer", "cuda": "trainer-gpu"}
 COMPOSE_FILE = "compose.yaml"
@@ -20,7 +22,7 @@ COMPOSE_FILE = "compose.yaml"
 CONTAINER_CONFIG_DIR = "/app/launch"
 
 
-class LaunchError(Exception):
+class LaunchError(UserError):
     """A problem the user can fix (no Docker, bad option); the message is one sentence."""
 
 
