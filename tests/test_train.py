@@ -121,14 +121,42 @@ class PoisonWeights(Tracker):
                 self.model_ref[0].wte.weight[0, 0] = float("nan")
 
 
-def test_non_finite_loss_fails_without_writing_bad_weights(tmp_path):
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "on-device-skip"])
+def test_non_finite_loss_fails_without_writing_bad_weights(tmp_path, sync_free):
+    """Both guards: the per-step host check (CPU default) and the sync-free fused-AdamW
+    skip that CUDA uses (exercised here on the CPU's fused AdamW)."""
     cfg, data, model = setup(["train.epochs=3"])
     ref = [model]
     result = fit(model, data, cfg.train, PoisonWeights(ref), tmp_path, torch.device("cpu"),
                  checkpoint_extra={"config": cfg.to_dict(),
-                                   "tokenizer": data.tokenizer.to_dict()})
+                                   "tokenizer": data.tokenizer.to_dict()},
+                 sync_free_guard=sync_free)
     assert result.status == "FAILED" and "non-finite" in result.reason
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(tmp_path / name)
         assert all(torch.isfinite(t).all() for t in state["model"].values())
         assert state["train_state"]["epoch"] == 2  # written after epoch 1, never after
+
+
+class PoisonOnce(Tracker):
+    """Makes one step's gradients NaN (a bad batch), leaving the weights intact."""
+
+    def __init__(self, model_ref: list):
+        self.model_ref, self.done = model_ref, False
+
+    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
+        if epoch == 1 and batch == 3 and not self.done:
+            self.done = True
+            self.model_ref[0].wte.weight.grad.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "on-device-skip"])
+def test_non_finite_step_can_be_skipped(tmp_path, sync_free):
+    cfg, data, model = setup(["train.epochs=2", "train.nonfinite=skip"])
+    result = fit(model, data, cfg.train, PoisonOnce([model]), tmp_path, torch.device("cpu"),
+                 checkpoint_extra={"config": cfg.to_dict(),
+                                   "tokenizer": data.tokenizer.to_dict()},
+                 sync_free_guard=sync_free)
+    assert result.status == "FINISHED"
+    assert result.state.skipped_steps == 1
+    assert all(math.isfinite(h["train_loss"]) for h in result.state.history)

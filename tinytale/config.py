@@ -109,6 +109,10 @@ class TrainConfig:
     compile: bool | Literal["auto"] = _doc(
         "torch.compile the model: true, false, or auto (on for CUDA)", default="auto"
     )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = _doc(
+        "torch.compile mode; reduce-overhead captures CUDA graphs (tiny models on a GPU)",
+        default="default",
+    )
     patience: int = _doc(
         "stop after this many epochs without a better validation loss (0 = never)", default=0
     )

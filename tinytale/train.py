@@ -61,6 +61,8 @@ class TrainState:
     epoch_grad_norm_sum: float = 0.0
     epoch_steps: int = 0
     epoch_elapsed_s: float = 0.0
+    epoch_bad_steps: int = 0  # non-finite steps skipped on the device, not yet reported
+    first_bad_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -178,6 +180,7 @@ def fit(
     stop: StopRequest | None = None,
     log_every_steps: int = 0,
     dist: Dist | None = None,
+    sync_free_guard: bool | None = None,
 ) -> FitResult:
     """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring."""
     stop = stop if stop is not None else StopRequest()
@@ -200,7 +203,8 @@ def fit(
                                      "step": state.step})
 
     use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
-    step_model: torch.nn.Module = torch.compile(model) if use_compile else model
+    step_model: torch.nn.Module = (
+        torch.compile(model, mode=cfg.compile_mode) if use_compile else model)
     if d.enabled:
         step_model = DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -213,6 +217,10 @@ def fit(
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, cfg.peak_tflops)
     params = [p for p in model.parameters() if p.requires_grad]
+    # On CUDA a per-step .item() stalls the GPU queue; let the fused optimizer skip bad steps.
+    if sync_free_guard is None:
+        sync_free_guard = device.type == "cuda"
+    guard_on_device = sync_free_guard and bool(optimizer.defaults.get("fused"))
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     best_path, last_path = run_dir / BEST, run_dir / LAST
     best_exists = best_path.exists() and resume is not None
@@ -245,6 +253,8 @@ def fit(
         loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
         grad_norm_sum = torch.tensor(state.epoch_grad_norm_sum, device=device)
         step_loss = torch.zeros((), device=device)
+        bad_steps = torch.tensor(state.epoch_bad_steps, device=device)
+        first_bad = torch.tensor(state.first_bad_step, device=device)
         loader = train_loader(data.train, cfg.batch_size, cfg.seed, epoch, start=state.batch,
                               pin_memory=device.type == "cuda", rank=d.rank, world=d.world_size)
         for x, y in loader:
@@ -269,8 +279,20 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            # One host sync per optimizer step: never let a NaN/inf reach the weights.
-            if not torch.isfinite(grad_norm):
+            if guard_on_device:
+                # No host sync: the fused AdamW kernel skips the whole update when found_inf
+                # is 1, and the host reads the count of skipped steps at the end of the epoch.
+                bad = ~torch.isfinite(grad_norm)
+                optimizer.found_inf = bad.float()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                zero = torch.zeros((), device=device)
+                loss_sum += torch.where(bad, zero, step_loss)
+                grad_norm_sum += torch.where(bad, zero, grad_norm.detach().float())
+                bad_steps += bad
+                first_bad = torch.where(bad & (first_bad == 0), state.step, first_bad)
+            # Otherwise one host sync per step (free on a CPU): never let NaN/inf reach weights.
+            elif not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss.zero_()
                 state.skipped_steps += 1
@@ -282,10 +304,11 @@ def fit(
                                              f"{state.step} (epoch {epoch}); lower train.lr "
                                              "or set train.nonfinite=skip")
                 continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += step_loss
-            grad_norm_sum += grad_norm.detach()
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += step_loss
+                grad_norm_sum += grad_norm.detach()
             state.epoch_steps += 1
             if log_every_steps and state.step % log_every_steps == 0:
                 tracker.log_metrics({"train_loss_step": float(step_loss) / accum,
@@ -296,11 +319,24 @@ def fit(
                         and state.step % cfg.checkpoint_every_steps == 0):
                 state.epoch_loss_sum = float(loss_sum)
                 state.epoch_grad_norm_sum = float(grad_norm_sum)
+                state.epoch_bad_steps, state.first_bad_step = int(bad_steps), int(first_bad)
                 state.epoch_elapsed_s = time.perf_counter() - t_start
                 checkpoint(last_path)
                 if stopping:
                     return result("KILLED", f"stopped by {stop.reason or 'another rank'}")
 
+        if guard_on_device and int(bad_steps):
+            n_bad = int(bad_steps)
+            state.skipped_steps += n_bad
+            state.epoch_steps -= n_bad
+            tracker.on_event("nonfinite", {
+                "epoch": epoch, "step": int(first_bad), "action": cfg.nonfinite,
+                "reason": f"non-finite gradient norm in {n_bad} step(s) of this epoch, "
+                          f"first at step {int(first_bad)}; those updates were skipped"})
+            if cfg.nonfinite == "fail" or state.skipped_steps > cfg.max_skipped_steps:
+                return result("FAILED", f"non-finite loss or gradient at step {int(first_bad)} "
+                                         f"(epoch {epoch}); lower train.lr or set "
+                                         "train.nonfinite=skip")
         loss_sum = d.mean(loss_sum)
         train_loss = float(loss_sum) / max(1, state.epoch_steps * accum)
         train_elapsed = time.perf_counter() - t_start
@@ -333,7 +369,7 @@ def fit(
         state.epoch += 1
         state.batch = 0
         state.epoch_loss_sum = state.epoch_grad_norm_sum = state.epoch_elapsed_s = 0.0
-        state.epoch_steps = 0
+        state.epoch_steps = state.epoch_bad_steps = state.first_bad_step = 0
         early = bool(cfg.patience) and state.epochs_since_best >= cfg.patience
         finished = early or state.epoch > cfg.epochs
         checkpoint(last_path, finished=finished)
