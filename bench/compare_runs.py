@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,11 +73,12 @@ def write_store(url: str, n_runs: int, epochs: int, sweep: str) -> str:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     client = MlflowClient(url)
     exp_id = client.create_experiment("bench-compare")
     parent = client.create_run(exp_id, run_name=sweep, tags={"tinytale.sweep_parent": sweep})
-    rng = random.Random(0)
-    for i in range(n_runs):
+    def write_run(i: int) -> None:
+        rng = random.Random(i)
         dropout = round(0.02 * i, 2)
         overrides = {"model.dropout": dropout}
         run = client.create_run(exp_id, run_name=f"dropout={dropout:g}", tags={
@@ -96,6 +98,9 @@ def write_store(url: str, n_runs: int, epochs: int, sweep: str) -> str:
                                                 "train.lr": 1e-3}.items()]
         client.log_batch(run.info.run_id, metrics=metrics, params=params)
         client.set_terminated(run.info.run_id, "FINISHED")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write_run, range(n_runs)))
     client.set_terminated(parent.info.run_id, "FINISHED")
     return parent.info.run_id
 

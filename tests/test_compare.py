@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -16,6 +17,7 @@ from tinytale import compare as cmp
 from tinytale.cli import app
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 
 
 def series(*values: float, start: int = 1) -> list[tuple[int, float]]:
@@ -318,3 +320,40 @@ def test_compare_mistakes_exit_2_with_one_line(store, tmp_path, args, message):
     result = runner.invoke(app, ["compare", *args, "--tracking-uri", store["url"]])
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+
+
+# --------------------------------------------------------------------------- the shipped story
+
+
+@pytest.mark.slow
+def test_shipped_experiments_tell_the_overfitting_story(tmp_path):
+    """overfit.yaml as shipped: validation loss has a minimum, then rises while training loss
+    keeps falling; regularized.yaml: a later onset and a lower best validation loss."""
+    from tinytale.config import load_config
+    from tinytale.run import train_run
+    from tinytale.tracking import Tracker
+
+    class Collect(Tracker):
+        def __init__(self):
+            self.histories = {"val_loss": [], "train_loss": []}
+
+        def log_metrics(self, metrics, step):
+            for key, points in self.histories.items():
+                if key in metrics:
+                    points.append((step, metrics[key]))
+
+    summaries = {}
+    for name in ("overfit", "regularized"):
+        tracker = Collect()
+        config = load_config(REPO / "experiments" / f"{name}.yaml", ["tracking.samples=0"])
+        train_run(config, tmp_path, tracker)
+        run = cmp.RunCurves(name, name, histories=tracker.histories)
+        summaries[name] = (cmp.summarize(run), tracker.histories)
+
+    over, (val, train) = summaries["overfit"][0], summaries["overfit"][1].values()
+    assert over.overfit_onset is not None and 30 <= over.best_epoch <= 100
+    assert val[-1][1] > over.best_val_loss + 0.1  # it rises after the minimum ...
+    assert train[-1][1] < dict(train)[over.best_epoch] - 0.1  # ... while train keeps falling
+    reg = summaries["regularized"][0]
+    assert reg.best_val_loss < over.best_val_loss
+    assert reg.overfit_onset is None or reg.overfit_onset > over.overfit_onset

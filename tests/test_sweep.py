@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tinytale.cli import app
-from tinytale.config import parse_override
+from tinytale.config import load_config, parse_override
 from tinytale.errors import UserError
 from tinytale.sweep import (
     MAX_EXIT_FAILED,
@@ -163,10 +163,15 @@ def test_exit_code_counts_failures_capped():
     assert result(["FAILED"], "SIGINT").exit_code == 130
 
 
-def test_shipped_sweep_files_are_valid():
+def test_shipped_sweep_and_study_files_are_valid():
     for path in sorted((REPO / "experiments").glob("sweep_*.yaml")):
         spec = load_sweep(path)
         assert len(spec.points) >= 2, path
+    over = load_config(REPO / "experiments" / "overfit.yaml")
+    reg = load_config(REPO / "experiments" / "regularized.yaml")
+    assert (over.model.dropout, over.train.weight_decay) == (0.0, 0.0)
+    assert reg.model.dropout > 0 and reg.train.weight_decay > 0
+    assert over.tracking.experiment == reg.tracking.experiment
 
 
 # --------------------------------------------------------------------------- end to end

@@ -320,16 +320,18 @@ def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out:
     colours = _colours(n)
     run_handles = []
     many = n > 12
-    for run, summary, colour in zip(runs, summaries, colours, strict=True):
+    for i, (run, summary, colour) in enumerate(zip(runs, summaries, colours, strict=True)):
+        # With few runs, each later line is a little thinner, so identical curves still show
+        # every colour (the earlier, wider line peeks out around the later one).
+        width = 1.2 if many else max(1.2, 3.0 - 0.35 * i) if n <= 6 else 1.8
         val = run.histories.get(metric, [])
         if val:
             xs, ys = zip(*val, strict=True)
-            ax.plot(xs, ys, color=colour, linewidth=1.2 if many else 1.8, linestyle="-")
+            ax.plot(xs, ys, color=colour, linewidth=width, linestyle="-")
         train = run.histories.get(train_key, []) if train_key else []
         if train:
             xs, ys = zip(*train, strict=True)
-            ax.plot(xs, ys, color=colour, linewidth=0.9 if many else 1.4, linestyle="--",
-                    alpha=0.85)
+            ax.plot(xs, ys, color=colour, linewidth=0.8 * width, linestyle="--", alpha=0.85)
         if summary.best_epoch is not None and summary.best_metric_value is not None:
             ax.plot([summary.best_epoch], [summary.best_metric_value], marker="o",
                     markersize=5 if many else 8, color=colour, markeredgecolor="black",
