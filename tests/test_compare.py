@@ -243,6 +243,11 @@ def store(mlflow_server):
     exp = client.create_experiment("compare-test")
     parent = client.create_run(exp, run_name="reg",
                                tags={"tinytale.sweep_parent": "reg"}).info.run_id
+    # An earlier, failed run of the first point: `--sweep` shows the newest run of a point.
+    old = client.create_run(exp, run_name="dropout=0", start_time=1000, tags={
+        "tinytale.sweep": "reg", "mlflow.parentRunId": parent,
+        "tinytale.overrides": json.dumps({"model.dropout": 0.0})})
+    client.set_terminated(old.info.run_id, "FAILED")
     ids = {}
     for name, val, train, dropout in (("dropout=0", OVERFIT_VAL, OVERFIT_TRAIN, 0.0),
                                       ("dropout=0.2", REGULAR_VAL, REGULAR_TRAIN, 0.2)):

@@ -354,8 +354,10 @@ def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out:
         Line2D([], [], color="dimgray", linestyle="-", label=f"validation {pretty}"),
         Line2D([], [], color="dimgray", marker="o", markeredgecolor="black", linestyle="none",
                label="best validation epoch"),
-        Line2D([], [], color="dimgray", linestyle=":", label="overfitting onset"),
     ]
+    if not many:  # onset lines are drawn for a dozen runs at most
+        style_handles.append(Line2D([], [], color="dimgray", linestyle=":",
+                                    label="overfitting onset"))
     runs_font = 7 if many else 9
     if legend_outside:
         first = ax.legend(handles=run_handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),

@@ -109,7 +109,7 @@ def find_runs(tracking_uri: str | None, refs: Sequence[str] = (), experiment: st
     """Runs to compare, without histories, in the order asked for.
 
     * each ref is a run id, or a run name (the newest run of that name wins);
-    * `sweep`: every point run of that sweep (oldest first), not its parent;
+    * `sweep`: the newest run of every point of that sweep (oldest first), not its parent;
     * `experiment` alone: its newest `limit` runs that are not sweep parents, oldest first;
       with refs or a sweep it only narrows where names and sweeps are looked up.
     """
@@ -129,7 +129,11 @@ def find_runs(tracking_uri: str | None, refs: Sequence[str] = (), experiment: st
             where = f" in experiment '{experiment}'" if experiment else ""
             raise UserError(f"no runs of sweep '{sweep}'{where}; check the name (the sweep "
                             "file's name:) or run `tinytale sweep` first.")
-        found.extend(points)
+        newest: dict[str, Any] = {}  # a point run again (--rerun) shows its newest run
+        for run in points:
+            newest[run.data.tags.get(OVERRIDES_TAG) or run.info.run_id] = run
+        kept = {r.info.run_id for r in newest.values()}
+        found.extend(r for r in points if r.info.run_id in kept)
     if experiment and not refs and not sweep:
         newest = _search(client, exp_ids, "", max_results=limit * 2,
                          order_by=("attributes.start_time DESC",))

@@ -264,7 +264,7 @@ class PointResult:
     index: int
     run_name: str
     overrides: dict[str, Any]
-    status: str  # FINISHED | FAILED | KILLED | SKIPPED
+    status: str  # FINISHED | FAILED | KILLED | SKIPPED (finished before) | NOT_STARTED
     run_id: str | None = None
     best_epoch: int | None = None
     best_val_loss: float | None = None
@@ -388,8 +388,8 @@ def run_sweep(
         point = spec.points[i]
         label = f"[{i + 1}/{total}] {point.run_name}"
         if procs.stopped:
-            return PointResult(i + 1, point.run_name, resolved[i], "KILLED",
-                               error=f"not started: sweep stopped by {procs.stopped}")
+            return PointResult(i + 1, point.run_name, resolved[i], "NOT_STARTED",
+                               error=f"sweep stopped by {procs.stopped}")
         tags = {mr.SWEEP_TAG: spec.name, mr.OVERRIDES_TAG: json.dumps(resolved[i])}
         try:  # a point whose config is invalid fails here, without starting a process
             load_config(spec.base, spec.set_args(point))
@@ -424,8 +424,11 @@ def run_sweep(
                              summary.get("run_id"), summary.get("best_epoch"),
                              summary.get("best_val_loss"), seconds, str(log_path))
         if proc.returncode != 0:
-            result.status = "KILLED" if proc.returncode in (130, 143, -2, -15) else "FAILED"
-            result.error = _error_of(log_path, proc.returncode)
+            killed = proc.returncode in (130, 143, -2, -15)
+            result.status = "KILLED" if killed else "FAILED"
+            result.error = (f"stopped by {procs.stopped or 'a signal'}; its checkpoint is in "
+                            f"{out / spec.name / point.run_name}" if killed
+                            else _error_of(log_path, proc.returncode))
             result.run_id = _record_failure(mr, uri, exp_name, spec.name, parent_id,
                                             known_ids, keys[i], point.run_name, tags,
                                             result.error, result.status)
@@ -515,6 +518,7 @@ def render_results(result: SweepResult) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    stopped = f", stopped by {result.interrupted}" if result.interrupted else ""
     lines.append(f"sweep '{result.name}' in experiment '{result.experiment}', parent run "
-                 f"{result.parent_run_id}: {result.failed} failed")
+                 f"{result.parent_run_id}: {result.failed} failed{stopped}")
     return "\n".join(lines)
