@@ -75,6 +75,10 @@ class DataConfig:
         default=None,
     )
     seed: int = _doc("seed for the corpus generator and the train/validation split", default=0)
+    stream: bool | Literal["auto"] = _doc(
+        "tokenize file corpora once into memory-mapped token files (auto: above 64 MB)",
+        default="auto",
+    )
 
     def validate(self) -> None:
         if not self.corpus.strip():

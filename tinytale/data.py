@@ -70,11 +70,12 @@ class TokenWindows(Dataset):
         return self.windows.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window = self.windows[index]
+        window = self.windows[index].long()
         return window[:-1], window[1:]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.windows[torch.as_tensor(indices, dtype=torch.long)]
+        # .long(): token files on disk are uint16/uint32; a no-op for in-memory streams.
+        batch = self.windows[torch.as_tensor(indices, dtype=torch.long)].long()
         return batch[:, :-1], batch[:, 1:]
 
 
@@ -160,9 +161,21 @@ def build_data(
     train_stories, val_stories = split_stories(stories, val_fraction, seed)
     if train_fraction < 1.0:
         train_stories = train_stories[: max(1, math.ceil(len(train_stories) * train_fraction))]
-    train = TokenWindows(encode_stories(tokenizer, train_stories), block_size,
-                         stride or block_size)
-    val = TokenWindows(encode_stories(tokenizer, val_stories), block_size, block_size)
+    return windows_from_tokens(
+        tokenizer, encode_stories(tokenizer, train_stories),
+        encode_stories(tokenizer, val_stories), len(train_stories), len(val_stories),
+        block_size, stride, batch_size, grad_accum_steps,
+    )
+
+
+def windows_from_tokens(
+    tokenizer: Tokenizer, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
+    n_train_stories: int, n_val_stories: int, block_size: int, stride: int | None,
+    batch_size: int, grad_accum_steps: int,
+) -> DataBundle:
+    """Cut both token streams into windows; refuse sizes that cannot train or validate."""
+    train = TokenWindows(train_tokens, block_size, stride or block_size)
+    val = TokenWindows(val_tokens, block_size, block_size)
     needed = batch_size * grad_accum_steps
     if len(train) < needed:
         raise DataError(
@@ -176,4 +189,4 @@ def build_data(
             f"the validation split has {len(val.tokens)} tokens, fewer than one window of "
             f"{block_size + 1}; raise data.val_fraction or lower model.block_size."
         )
-    return DataBundle(tokenizer, train, val, len(train_stories), len(val_stories))
+    return DataBundle(tokenizer, train, val, n_train_stories, n_val_stories)

@@ -7,8 +7,11 @@ This module also knows how to rebuild a model + tokenizer from a checkpoint for 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import math
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,12 @@ import tinytale
 from tinytale import distributed
 from tinytale.checkpoint import CheckpointError, find_resumable, load_checkpoint
 from tinytale.config import Config
-from tinytale.corpus import load_corpus
-from tinytale.data import DataBundle, build_data
+from tinytale.corpus import corpus_files, load_corpus, stream_stories
+from tinytale.data import DataBundle, build_data, windows_from_tokens
 from tinytale.errors import UserError
 from tinytale.model import GPT, GPTConfig
 from tinytale.sample import generate
+from tinytale.tokencache import build_token_files, content_hash
 from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from tinytale.tracking import RunInfo, Tracker
 from tinytale.train import FitResult, StopRequest, fit, resolve_device, seed_everything
@@ -39,9 +43,16 @@ def build_model(config: Config, vocab_size: int) -> GPT:
                          n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias))
 
 
+STREAM_ABOVE_BYTES = 64 * 2**20
+
+
 def prepare_data(config: Config, tokenizer: Tokenizer | None = None) -> DataBundle:
     """Corpus -> split -> tokenizer (trained on the corpus unless given) -> windows."""
     d = config.data
+    files = corpus_files(d.corpus)
+    if files is not None and (d.stream is True or (
+            d.stream == "auto" and sum(f.stat().st_size for f in files) > STREAM_ABOVE_BYTES)):
+        return prepare_streamed(config, files, tokenizer)
     stories = load_corpus(d.corpus, d.n_stories, d.seed)
     if tokenizer is None:
         tokenizer = train_tokenizer(d.tokenizer, stories, d.bpe_vocab_size)
@@ -49,6 +60,32 @@ def prepare_data(config: Config, tokenizer: Tokenizer | None = None) -> DataBund
         stories, tokenizer, config.model.block_size, d.val_fraction, d.seed,
         train_fraction=d.train_fraction, stride=d.stride,
         batch_size=config.train.batch_size, grad_accum_steps=config.train.grad_accum_steps,
+    )
+
+
+def prepare_streamed(config: Config, files: list[Path],
+                     tokenizer: Tokenizer | None = None) -> DataBundle:
+    """Large corpora: stream stories into cached memory-mapped token files, then window them.
+
+    The split is by a hash of each story's number (so it can be decided while streaming);
+    `data.n_stories` and `data.train_fraction` cut the streams rather than story lists.
+    """
+    d = config.data
+
+    def stories() -> Iterator[str]:
+        return itertools.islice(stream_stories(files), d.n_stories)
+
+    if tokenizer is None:
+        tokenizer = train_tokenizer(d.tokenizer, stories(), d.bpe_vocab_size)
+    key = f"{content_hash(files)}:{d.n_stories}"
+    token_files = build_token_files(stories(), key, tokenizer, d.val_fraction, d.seed)
+    train_tokens = token_files.tokens("train")
+    if d.train_fraction < 1.0:
+        train_tokens = train_tokens[: math.ceil(len(train_tokens) * d.train_fraction)]
+    return windows_from_tokens(
+        tokenizer, train_tokens, token_files.tokens("val"), token_files.n_train_stories,
+        token_files.n_val_stories, config.model.block_size, d.stride,
+        config.train.batch_size, config.train.grad_accum_steps,
     )
 
 

@@ -11,6 +11,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
+
 from tinytale.errors import UserError
 
 EOS = "<eos>"
@@ -29,6 +31,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def to_dict(self) -> dict[str, Any]: ...
+    def encode_many(self, stories: Sequence[str]) -> np.ndarray: ...
 
 
 class _VocabTokenizer:
@@ -62,6 +65,14 @@ class _VocabTokenizer:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "symbols": self.symbols}
+
+    def encode_many(self, stories: Sequence[str]) -> np.ndarray:
+        """Every story's ids followed by the end-of-story id, as one array."""
+        ids: list[int] = []
+        for story in stories:
+            ids.extend(self.encode(story))
+            ids.append(self.eos_id)
+        return np.asarray(ids, dtype=np.int64)
 
 
 class WordTokenizer(_VocabTokenizer):
@@ -99,6 +110,26 @@ class CharTokenizer(_VocabTokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return "".join("\n\n" if i == self.eos_id else self.symbols[i] for i in ids)
 
+    def encode_many(self, stories: Sequence[str]) -> np.ndarray:
+        """Vectorised: code points -> ids through a lookup table (GB/s instead of MB/s)."""
+        if not hasattr(self, "_lut"):
+            lut = np.full(max(ord(s) for s in self.symbols if s != EOS) + 2, -1, np.int64)
+            for i, s in enumerate(self.symbols):
+                if s != EOS:
+                    lut[ord(s)] = i
+            self._lut = lut
+        # NUL never occurs in a corpus (binary files are refused): it marks story ends.
+        points = np.frombuffer(("\0".join(stories) + "\0").encode("utf-32-le"), np.uint32)
+        inside = points < len(self._lut) - 1
+        ids = np.where(inside, self._lut[np.minimum(points, len(self._lut) - 1)], -1)
+        ids[points == 0] = self.eos_id
+        if (ids < 0).any():
+            bad = sorted({chr(p) for p in points[ids < 0][:50]})
+            raise TokenizerError(f"the char tokenizer does not know the characters "
+                                 f"{', '.join(repr(b) for b in bad[:8])}; use only characters "
+                                 "from the training corpus.")
+        return ids
+
 
 class BPETokenizer:
     """Byte-level BPE trained on the corpus with Hugging Face `tokenizers` (Rust, fast)."""
@@ -129,7 +160,7 @@ class BPETokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(list(stories), trainer=trainer)
+        tok.train_from_iterator(stories, trainer=trainer)  # streams: no list of the corpus
         return cls(tok.to_str())
 
     @property
@@ -138,6 +169,13 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids  # byte-level: every string is encodable
+
+    def encode_many(self, stories: Sequence[str]) -> np.ndarray:
+        ids: list[int] = []
+        for enc in self._tok.encode_batch(list(stories)):  # parallel, in Rust
+            ids.extend(enc.ids)
+            ids.append(self.eos_id)
+        return np.asarray(ids, dtype=np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
         out, chunk = [], []
@@ -154,7 +192,7 @@ class BPETokenizer:
         return {"kind": self.kind, "serialized": self._serialized}
 
 
-def train_tokenizer(kind: str, stories: Sequence[str], bpe_vocab_size: int = 512) -> Tokenizer:
+def train_tokenizer(kind: str, stories: Iterable[str], bpe_vocab_size: int = 512) -> Tokenizer:
     if kind == "word":
         return WordTokenizer.train(stories)
     if kind == "char":

@@ -7,6 +7,7 @@ folder contributes every `.txt` file below it, in sorted order.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from tinytale.corpus import fairy, lesson
@@ -21,12 +22,10 @@ class CorpusError(UserError):
     """A corpus that cannot be read or is unusable; the message names the file and the fix."""
 
 
-def load_corpus(name_or_path: str, n_stories: int | None = None, seed: int = 0) -> list[str]:
+def corpus_files(name_or_path: str) -> list[Path] | None:
+    """The text files behind a corpus, or None for a built-in one."""
     if name_or_path in BUILTIN:
-        try:
-            return BUILTIN[name_or_path](n_stories, seed)
-        except ValueError as exc:
-            raise CorpusError(str(exc)) from None
+        return None
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise CorpusError(
@@ -38,6 +37,17 @@ def load_corpus(name_or_path: str, n_stories: int | None = None, seed: int = 0) 
         raise CorpusError(
             f"data.corpus folder '{path}' holds no .txt files; add some or point to a file."
         )
+    return files
+
+
+def load_corpus(name_or_path: str, n_stories: int | None = None, seed: int = 0) -> list[str]:
+    files = corpus_files(name_or_path)
+    if files is None:
+        try:
+            return BUILTIN[name_or_path](n_stories, seed)
+        except ValueError as exc:
+            raise CorpusError(str(exc)) from None
+    path = Path(name_or_path)
     stories: list[str] = []
     for file in files:
         stories.extend(_read_stories(file))
@@ -46,6 +56,31 @@ def load_corpus(name_or_path: str, n_stories: int | None = None, seed: int = 0) 
     if not stories:
         raise CorpusError(f"data.corpus '{path}' contains no text; give a file with stories.")
     return stories
+
+
+def stream_stories(files: list[Path]) -> Iterator[str]:
+    """Stories one at a time, reading line by line: for corpora larger than memory."""
+    for file in files:
+        story: list[str] = []
+        try:
+            with open(file, encoding="utf-8", newline=None) as f:
+                for number, line in enumerate(f, 1):
+                    if "\0" in line:
+                        raise CorpusError(f"data.corpus file '{file}' looks binary (NUL byte on "
+                                          f"line {number}); give a text file.")
+                    if line.strip():
+                        story.append(line)
+                    elif story:
+                        yield " ".join(" ".join(story).split())
+                        story = []
+        except UnicodeDecodeError:
+            raise CorpusError(f"data.corpus file '{file}' is not UTF-8 text; convert it to "
+                              "UTF-8.") from None
+        except OSError as exc:
+            raise CorpusError(f"data.corpus file '{file}' cannot be read ({exc.strerror}); "
+                              "check its permissions.") from None
+        if story:
+            yield " ".join(" ".join(story).split())
 
 
 def _read_stories(file: Path) -> list[str]:

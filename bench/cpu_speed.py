@@ -1,0 +1,122 @@
+"""Training speed of tinytale's loop against a straightforward eager PyTorch loop, side by side.
+
+The baseline is what a first tutorial writes: random windows sliced from one token tensor,
+no DataLoader, plain AdamW, one `.item()` per step. tinytale's `fit()` does more (a
+DataLoader over story-split windows, validation every epoch, checkpoints, grad-norm
+clipping with a NaN guard, a tracker), and must still be at least as fast.
+
+Both run in this process on the same model shape, batch and token count, alternating
+A B A B so drift of a shared machine hits both. Prints a table and one JSON line.
+
+    python bench/cpu_speed.py --setting baby-gpt --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tinytale.config import load_config
+from tinytale.run import build_model, prepare_data
+from tinytale.tracking import NullTracker
+from tinytale.train import fit
+
+SETTINGS = {
+    # The small CPU setting of minimal GPT trainers: 4 layers, 4 heads, 128 wide, block 64.
+    "baby-gpt": ["data.corpus=fairy", "data.tokenizer=char", "model.n_layer=4",
+                 "model.n_head=4", "model.n_embd=128", "model.block_size=64",
+                 "model.dropout=0.0", "train.batch_size=12", "train.lr=1e-3",
+                 "train.warmup_steps=10", "data.n_stories=40"],
+    "lesson": [],
+}
+
+
+def baseline_tokens_per_sec(cfg, tokens: torch.Tensor, vocab_size: int, steps: int) -> float:
+    """The eager loop: random windows, no DataLoader, one .item() per step."""
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    B, T = cfg.train.batch_size, cfg.model.block_size
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        ix = torch.randint(len(tokens) - T - 1, (B,))
+        x = torch.stack([tokens[i : i + T] for i in ix])
+        y = torch.stack([tokens[i + 1 : i + T + 1] for i in ix])
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+    return steps * B * T / (time.perf_counter() - start)
+
+
+def tinytale_tokens_per_sec(cfg, data) -> tuple[float, float]:
+    """fit() for one epoch: (training tokens/s, tokens/s counting validation and checkpoints)."""
+    torch.manual_seed(0)
+    model = build_model(cfg, data.tokenizer.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = fit(model, data, cfg.train, NullTracker(), Path(tmp), torch.device("cpu"),
+                     checkpoint_extra={"config": cfg.to_dict(),
+                                       "tokenizer": data.tokenizer.to_dict()})
+        wall = time.perf_counter() - start
+    epoch = result.state.history[-1]
+    tokens = result.state.step * cfg.train.batch_size * cfg.model.block_size
+    return epoch["tokens_per_sec"], tokens / wall
+
+
+def measure(setting: str, repeats: int = 3) -> dict:
+    cfg = load_config(None, [*SETTINGS[setting], "train.epochs=1", "train.device=cpu"])
+    data = prepare_data(cfg)
+    steps = len(data.train) // cfg.train.batch_size
+    base, ours, ours_all = [], [], []
+    fit_rounds = [tinytale_tokens_per_sec(cfg, data)]  # warm-up, not counted
+    del fit_rounds
+    baseline_tokens_per_sec(cfg, data.train.tokens, data.tokenizer.vocab_size, 5)
+    for _ in range(repeats):
+        base.append(baseline_tokens_per_sec(cfg, data.train.tokens,
+                                            data.tokenizer.vocab_size, steps))
+        train_tps, all_tps = tinytale_tokens_per_sec(cfg, data)
+        ours.append(train_tps)
+        ours_all.append(all_tps)
+    return {
+        "setting": setting,
+        "steps_per_round": steps,
+        "threads": torch.get_num_threads(),
+        "baseline_tokens_per_sec": statistics.median(base),
+        "tinytale_tokens_per_sec": statistics.median(ours),
+        "tinytale_tokens_per_sec_with_validation": statistics.median(ours_all),
+        "ratio": statistics.median(o / b for o, b in zip(ours, base, strict=True)),
+        "ratio_with_validation": statistics.median(
+            o / b for o, b in zip(ours_all, base, strict=True)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="baby-gpt")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = measure(args.setting, args.repeats)
+    print(f"setting {r['setting']}: {r['steps_per_round']} steps/round, "
+          f"{r['threads']} threads, median of {args.repeats}")
+    print(f"  eager baseline        {r['baseline_tokens_per_sec']:>10.0f} tok/s")
+    print(f"  tinytale fit()        {r['tinytale_tokens_per_sec']:>10.0f} tok/s  "
+          f"ratio {r['ratio']:.3f}")
+    print(f"  fit() incl. val+ckpt  {r['tinytale_tokens_per_sec_with_validation']:>10.0f} tok/s  "
+          f"ratio {r['ratio_with_validation']:.3f}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

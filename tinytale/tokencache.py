@@ -1,0 +1,112 @@
+"""Corpora larger than memory: tokenized once into memory-mapped token files, cached by content.
+
+Stories stream from the files (never all in memory), each one goes to validation or training
+by a hash of (seed, story number), and its tokens are appended to `train.bin` / `val.bin`
+(uint16 when the vocabulary fits, else uint32). The folder is keyed by a hash of the
+corpus bytes, the tokenizer and the split, so a second run maps the files in milliseconds.
+Training then reads windows straight from the page cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinytale.tokenizer import Tokenizer
+
+CHUNK_STORIES = 4096  # stories encoded per batch (BPE encodes a batch in parallel)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TINYTALE_CACHE", Path.home() / ".cache" / "tinytale"))
+
+
+def content_hash(files: Sequence[Path]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for file in files:
+        h.update(str(file.stat().st_size).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def in_validation(index: int, seed: int, val_fraction: float) -> bool:
+    """A story's split depends only on its number and the seed, not on the others."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+@dataclass
+class TokenFiles:
+    folder: Path
+    dtype: str
+    n_train_stories: int
+    n_val_stories: int
+
+    def tokens(self, split: str) -> torch.Tensor:
+        path = self.folder / f"{split}.bin"
+        if path.stat().st_size == 0:
+            return torch.empty(0, dtype=torch.long)
+        # Copy-on-write mapping: a writable array for torch, the file itself never changes.
+        return torch.from_numpy(np.memmap(path, dtype=self.dtype, mode="c"))
+
+
+def _chunks(stories: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for story in stories:
+        chunk.append(story)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def build_token_files(
+    stories: Iterable[str], corpus_key: str, tokenizer: Tokenizer, val_fraction: float,
+    seed: int,
+) -> TokenFiles:
+    """Tokenize a stream of stories into train/val token files, or reuse the cached ones."""
+    tok_blob = json.dumps(tokenizer.to_dict(), sort_keys=True).encode()
+    key = hashlib.blake2b(
+        corpus_key.encode() + tok_blob + f"{val_fraction}:{seed}".encode(), digest_size=16
+    ).hexdigest()
+    folder = cache_root() / "tokens" / key
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return TokenFiles(folder, meta["dtype"], meta["n_train_stories"], meta["n_val_stories"])
+
+    dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts = {"train": 0, "val": 0}
+    index = 0
+    with open(tmp / "train.bin", "wb") as train_f, open(tmp / "val.bin", "wb") as val_f:
+        for chunk in _chunks(stories, CHUNK_STORIES):
+            splits: dict[str, list[str]] = {"train": [], "val": []}
+            for story in chunk:
+                split = "val" if in_validation(index, seed, val_fraction) else "train"
+                splits[split].append(story)
+                index += 1
+            for split, f in (("train", train_f), ("val", val_f)):
+                if splits[split]:
+                    f.write(tokenizer.encode_many(splits[split]).astype(dtype).tobytes())
+                    counts[split] += len(splits[split])
+    meta = {"dtype": dtype, "n_train_stories": counts["train"], "n_val_stories": counts["val"]}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.replace(tmp, folder)  # another process may have finished the same work first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TokenFiles(folder, dtype, counts["train"], counts["val"])
