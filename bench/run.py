@@ -1,0 +1,167 @@
+"""One entry point for tinytale's benchmarks: prints a table and writes bench/results.json.
+
+Every figure is a median of repeated runs or a ratio of two things measured side by side in
+this one invocation, because shared machines are noisy. Sections (default: all but docker):
+
+  lesson       `tinytale train` on the lesson: whole-process wall time, tokens/s, peak RSS,
+               time to validation loss 0.5
+  baby-gpt     char-level 4x4x128 model, block 64, batch 12: tokens/s, peak RSS, time to
+               validation loss 2.3
+  cpu-speed    fit() vs a straightforward eager loop, tokens/s ratio (bench/cpu_speed.py)
+  tracking     tracked vs untracked train_time_s (bench/tracking_overhead.py)
+  compare      `tinytale compare` on 50 runs x 100 epochs (bench/compare_runs.py)
+  data-scale   tokens/s for 1 -> 100 MB corpora (bench/data_scale.py; --big adds 1 GB)
+  docker       `docker compose up` from images built to registered model (needs an engine)
+
+    python bench/run.py                      # all but docker, a few minutes
+    python bench/run.py lesson cpu-speed     # some sections
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PY = sys.executable
+
+
+def run_child(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run a command; return it, its wall seconds and its peak RSS in MB (own process tree)."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "p = subprocess.run(sys.argv[1:]); "
+               "print(time.perf_counter() - t, "
+               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+               "sys.exit(p.returncode)")
+    proc = subprocess.run([PY, "-c", wrapper, *cmd], capture_output=True, text=True, **kw)
+    wall, rss_kb = proc.stderr.strip().splitlines()[-1].split()
+    return proc, float(wall), int(rss_kb) / 1024
+
+
+def last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError(f"no JSON line in output:\n{text[-2000:]}")
+
+
+def time_to_target(run_dir: str, target: float) -> float | None:
+    import torch
+
+    state = torch.load(Path(run_dir) / "last.pt", weights_only=True)
+    elapsed = 0.0
+    for epoch in state["train_state"]["history"]:
+        elapsed += epoch["epoch_time_s"]
+        if epoch["val_loss"] <= target:
+            return round(elapsed, 2)
+    return None
+
+
+def train_bench(name: str, args: list[str], target: float, repeats: int) -> dict:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            proc, wall, rss = run_child(
+                [PY, "-m", "tinytale", "train", *args, "--no-tracking", "--json", "--out", tmp],
+                cwd=tmp)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-2000:])
+            summary = last_json(proc.stdout)
+            rows.append((wall, summary["tokens_per_sec"], summary["train_time_s"], rss,
+                         time_to_target(summary["run_dir"], target),
+                         summary["final_train_loss"], summary["best_val_loss"]))
+    med = lambda i: statistics.median(r[i] for r in rows)  # noqa: E731
+    targets = [r[4] for r in rows if r[4] is not None]
+    return {
+        "section": name, "repeats": repeats,
+        "process_wall_s": round(med(0), 2), "tokens_per_sec": round(med(1)),
+        "train_time_s": round(med(2), 2), "peak_rss_mb": round(med(3)),
+        f"time_to_val_{target}_s": statistics.median(targets) if targets else None,
+        "final_train_loss": round(med(5), 4), "best_val_loss": round(med(6), 4),
+    }
+
+
+def script_bench(name: str, script: str, extra: list[str]) -> dict:
+    proc = subprocess.run([PY, str(HERE / script), *extra], capture_output=True, text=True,
+                          cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} failed:\n{proc.stderr[-2000:]}")
+    print(proc.stdout, file=sys.stderr)
+    return {"section": name, **last_json(proc.stdout)}
+
+
+def docker_bench() -> dict:
+    """`docker compose up` with images already built, to a registered model version."""
+    project, port = "tinytale-bench", "5099"
+    env = {**os.environ, "TINYTALE_MLFLOW_PORT": port}
+    compose = ["docker", "compose", "-p", project]
+    subprocess.run([*compose, "build"], cwd=REPO, env=env, check=True, capture_output=True)
+    start = time.perf_counter()
+    try:
+        subprocess.run([*compose, "up", "-d"], cwd=REPO, env=env, check=True,
+                       capture_output=True)
+        url = (f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/get"
+               "?name=tinytale")
+        while time.perf_counter() - start < 600:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if json.load(r).get("registered_model", {}).get("latest_versions"):
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        seconds = time.perf_counter() - start
+    finally:
+        subprocess.run([*compose, "down", "-v"], cwd=REPO, env=env, capture_output=True)
+    return {"section": "docker", "compose_up_to_registered_s": round(seconds, 1)}
+
+
+def main() -> None:
+    sections = ["lesson", "baby-gpt", "cpu-speed", "tracking", "compare", "data-scale", "docker"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("only", nargs="*", choices=sections + [[]], default=[])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--big", action="store_true", help="data-scale up to 1 GB")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+    chosen = args.only or [s for s in sections if s != "docker"]
+    results = []
+    for section in chosen:
+        print(f"== {section}", file=sys.stderr)
+        if section == "lesson":
+            results.append(train_bench("lesson", [], 0.5, args.repeats))
+        elif section == "baby-gpt":
+            results.append(train_bench(
+                "baby-gpt", [str(REPO / "experiments/fairy_char.yaml"), "--set",
+                             "data.n_stories=60", "--set", "train.epochs=3"], 2.3, args.repeats))
+        elif section == "cpu-speed":
+            results.append(script_bench("cpu-speed", "cpu_speed.py",
+                                        ["--repeats", str(args.repeats)]))
+        elif section == "tracking":
+            results.append(script_bench("tracking", "tracking_overhead.py", []))
+        elif section == "compare":
+            results.append(script_bench("compare", "compare_runs.py", []))
+        elif section == "data-scale":
+            sizes = ["1", "10", "100"] + (["1000"] if args.big else [])
+            results.append(script_bench("data-scale", "data_scale.py", ["--sizes-mb", *sizes]))
+        elif section == "docker":
+            results.append(docker_bench())
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    for r in results:
+        figures = ", ".join(f"{k}={v}" for k, v in r.items() if k != "section")
+        print(f"{r['section']:>11}: {figures}")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
