@@ -253,8 +253,8 @@ def sweep(
 
     Exit code: number of failed points (at most 125); 2 bad sweep file; 130/143 interrupted.
     """
-    from tinytale.sweep import (load_sweep, render_results, resolved_overrides, run_sweep,
-                                sweep_experiment)
+    from tinytale.sweep import load_sweep, render_results, resolved_overrides, run_sweep
+    from tinytale.sweep import sweep_experiment
 
     with user_errors():
         spec = load_sweep(sweep_file)
@@ -307,6 +307,8 @@ def compare(
     Final gap = val - train loss at the last epoch. The table (or JSON) goes to stdout.
     """
     from tinytale import compare as cmp
+
+    cmp.prefetch_plotting()  # overlaps matplotlib's import with MLflow's and the network
     from tinytale import mlflow_reader as mr
 
     with user_errors():
