@@ -278,6 +278,17 @@ def render_table(rows: Sequence[RunSummary]) -> str:
 # --------------------------------------------------------------------------- plot
 
 
+def prefetch_plotting() -> None:
+    """Import matplotlib on a background thread while the caller waits on the network."""
+    import threading
+
+    def load() -> None:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+
+    threading.Thread(target=load, name="prefetch-matplotlib", daemon=True).start()
+
+
 def run_label(summary: RunSummary) -> str:
     overrides = format_overrides(summary.overrides)
     if overrides and overrides != summary.run_name:
