@@ -53,6 +53,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_STATE
 
 from tinytale.errors import UserError
 from tinytale.tracking import RunInfo, Tracker
@@ -63,12 +64,10 @@ EMBEDDED_ARTIFACTS = "mlartifacts"
 CHAMPION = "champion"
 MODEL_NAME = "model"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-FLUSH_INTERVAL_S = float(os.environ.get("TINYTALE_TRACKING_FLUSH_S", "5"))
-FINISH_WAIT_S = float(os.environ.get("TINYTALE_TRACKING_WAIT_S", "30"))
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limits
 MAX_BATCH_PARAMS = 100
 MAX_BATCH_TAGS = 100
-MAX_PERMANENT_FAILURES = 3  # a record the server keeps rejecting is skipped after this
+MAX_PERMANENT_FAILURES = 3  # a record the server definitely refuses is skipped after this
 KNOWN_SCHEMES = {"http", "https", "file", "sqlite", "postgresql", "mysql", "mssql",
                  "databricks", "databricks-uc", "uc"}
 
@@ -83,6 +82,16 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def flush_interval_s() -> float:
+    """Seconds between background sends (TINYTALE_TRACKING_FLUSH_S, default 5)."""
+    return float(os.environ.get("TINYTALE_TRACKING_FLUSH_S", "5"))
+
+
+def finish_wait_s() -> float:
+    """How long finish() waits for an unreachable server (TINYTALE_TRACKING_WAIT_S, 30)."""
+    return float(os.environ.get("TINYTALE_TRACKING_WAIT_S", "30"))
 
 
 class Unreachable(Exception):
@@ -146,12 +155,22 @@ def server_healthy(uri: str, timeout: float = 2.0) -> bool:
         return False
 
 
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
+                   "DEADLINE_EXCEEDED"}
+
+
 def _transient(exc: BaseException, uri: str) -> bool:
-    """Whether a failed call should be retried without counting it (the server is away)."""
-    code = str(getattr(exc, "error_code", ""))
-    if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+    """Retry later without counting (server away or busy), or a refusal to give up on?
+
+    Only a definite answer (bad value, unknown resource, a bug of ours) counts as a refusal:
+    anything that may pass on its own is retried, and stays in the spool meanwhile.
+    """
+    if isinstance(exc, OSError | TimeoutError) or not server_healthy(uri):
+        return True  # requests' errors are OSErrors
+    if str(getattr(exc, "error_code", "")) in TRANSIENT_CODES:
         return True
-    return not server_healthy(uri)
+    text = str(exc).lower()
+    return "database is locked" in text or "busy" in text
 
 
 def _client(uri: str) -> MlflowClient:
@@ -170,17 +189,30 @@ class Spool:
         self.records: list[dict[str, Any]] = []
         self.next_seq = 1
         self._lock = threading.Lock()
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                self.records.append(rec)
-                if "seq" in rec:
-                    self.next_seq = max(self.next_seq, rec["seq"] + 1)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        try:  # one writer at a time: a training process, or `tinytale sync`
+            import fcntl
+
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows: no advisory locks, trust the user
+            pass
+        except OSError:
+            self._file.close()
+            raise UserError(f"'{path}' is in use by another tinytale process (a training "
+                            "still running?); wait for it to end, then sync.") from None
+        self._file.seek(0)
+        text = self._file.read()
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            self.records.append(rec)
+            if "seq" in rec:
+                self.next_seq = max(self.next_seq, rec["seq"] + 1)
+        if text and not text.endswith("\n"):
+            self._file.write("\n")  # end the cut line, so the next record stands alone
 
     def append(self, rec: dict[str, Any], data: bool = True) -> dict[str, Any]:
         with self._lock:
@@ -219,6 +251,7 @@ class Replayer:
         self.acked = 0
         self.registered: dict[str, Any] | None = None
         self.sent: set[tuple[str, int]] = set()
+        self.checked_keys: set[str] = set()
         self.failures: dict[int, int] = {}
         self.lock = threading.RLock()
         self.pushed_metrics = 0
@@ -241,6 +274,11 @@ class Replayer:
         self.uncertain = any(s > self.acked for s in by_seq)
 
     # -- state ---------------------------------------------------------------
+
+    def _doubt(self) -> None:
+        """The server may hold more than the acks say: check histories before sending."""
+        self.uncertain = True
+        self.checked_keys.clear()
 
     def pending(self) -> list[dict[str, Any]]:
         return [r for r in self.spool.records if r.get("seq", 0) > self.acked]
@@ -281,22 +319,24 @@ class Replayer:
                         count += len(pending[j]["metrics"])
                         j += 1
                     j = max(j, i + 1)
-                    self._guarded(pending[j - 1], lambda: self._send_metrics(client,
-                                                                              pending[i:j]))
+                    self._guarded(pending[j - 1], self._send_metrics, client, pending[i:j])
                     i = j
                     continue
-                self._guarded(rec, lambda: self._apply(client, rec))
+                self._guarded(rec, self._apply, client, rec)
                 i += 1
             return not self.pending()
 
-    def _guarded(self, last: dict[str, Any], action: Any) -> None:
+    def _guarded(self, last: dict[str, Any], action: Any, *args: Any) -> None:
+        """Run one send; ack `last` on success, classify a failure (away / refused)."""
         try:
-            action()
+            action(*args)
         except Unreachable:
-            self.uncertain = True
+            self._doubt()
             raise
+        except UserError:
+            raise  # e.g. a deleted experiment: the user must act
         except Exception as exc:
-            self.uncertain = True  # the server may have taken part of it
+            self._doubt()  # the server may have taken part of it
             if _transient(exc, self.uri):
                 raise Unreachable(str(exc).splitlines()[0][:300]) from exc
             # The server answers but refused: retry a few times, then skip the record.
@@ -316,7 +356,8 @@ class Replayer:
 
     def _require_run(self) -> str:
         if self.run_id is None:
-            raise MlflowException("spool has no run to log to (its open record is missing)")
+            raise MlflowException("spool has no run to log to (its open record was refused)",
+                                  error_code=INVALID_STATE)
         return self.run_id
 
     def _apply(self, client: MlflowClient, rec: dict[str, Any]) -> None:
@@ -346,18 +387,25 @@ class Replayer:
         if self.run_id is not None:
             return
         if rec.get("resume_run_id"):
-            run = client.get_run(rec["resume_run_id"])  # raises if the run is gone
-            self._set_run(run.info.run_id, run.info.experiment_id)
-            self.uncertain = True  # it may hold metrics this spool never saw
-            client.update_run(self.run_id, status="RUNNING")
-            return
+            try:
+                run = client.get_run(rec["resume_run_id"])
+            except MlflowException as exc:
+                if "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
+                    raise
+                log.warning("run %s to resume is not in %s; logging to a new run",
+                            rec["resume_run_id"], self.uri)
+            else:
+                self._set_run(run.info.run_id, run.info.experiment_id)
+                self._doubt()  # it may hold metrics this spool never saw
+                client.update_run(self.run_id, status="RUNNING")
+                return
         exp_id = ensure_experiment(client, rec["experiment"], self.uri)
         local_id = rec["local_id"]
         found = client.search_runs([exp_id], f"tags.`tinytale.local_id` = '{local_id}'",
                                    max_results=1)
         if found:
             self._set_run(found[0].info.run_id, exp_id)
-            self.uncertain = True
+            self._doubt()
             return
         tags = {**rec["tags"], "tinytale.local_id": local_id, "mlflow.runName": rec["run_name"]}
         if rec.get("parent_run_id"):
@@ -374,10 +422,11 @@ class Replayer:
     def _send_metrics(self, client: MlflowClient, recs: list[dict[str, Any]]) -> None:
         run_id = self._require_run()
         if self.uncertain:
-            keys = {k for r in recs for k in r["metrics"]}
-            for key in keys:
+            # One history read per key and episode of doubt: what the server already holds.
+            keys = {k for r in recs for k in r["metrics"]} - self.checked_keys
+            for key in sorted(keys):
                 self.sent.update((key, m.step) for m in client.get_metric_history(run_id, key))
-            self.uncertain = False
+                self.checked_keys.add(key)
         batch: list[Metric] = []
         seen: set[tuple[str, int]] = set()
         for r in recs:
@@ -549,7 +598,8 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
             model_uri = f"models:/{model_id}"
     if model_uri is None:
         if not checkpoint.is_file():
-            raise MlflowException(f"checkpoint {checkpoint} is gone; cannot log the model")
+            raise MlflowException(f"checkpoint {checkpoint} is gone; cannot log the model",
+                                  error_code=INVALID_STATE)
         mlflow.set_tracking_uri(uri)
         with tempfile.TemporaryDirectory(prefix="tinytale-model-") as tmp:
             code_file = Path(tmp) / "tinytale_pyfunc.py"
@@ -753,22 +803,23 @@ class MlflowTracker(Tracker):
         return max(steps) + 1 if steps else 0
 
     def _background(self) -> None:
-        delay = FLUSH_INTERVAL_S
+        interval = flush_interval_s()
+        delay = interval
         while not self._stop.wait(delay):
             try:
                 self.replayer.push(include_models=False)
-                delay = FLUSH_INTERVAL_S
+                delay = interval
             except Unreachable as exc:
                 self._warn_offline(str(exc))
-                delay = min(FLUSH_INTERVAL_S, 2.0)
+                delay = min(interval, 2.0)
             except Exception as exc:  # never let the logger thread die silently
                 log.warning("MLflow logging error: %s", exc)
-                delay = FLUSH_INTERVAL_S
+                delay = interval
 
     def _warn_offline(self, why: str) -> None:
         if not self._warned:
             self._warned = True
-            print(f"warning: MLflow at {self.uri} is unreachable ({why[:200]}); training "
+            print(f"warning: cannot log to MLflow at {self.uri} ({why[:200]}); training "
                   f"goes on and everything is kept in {self.spool.path}, to be sent when the "
                   "server is back (or by `tinytale sync`).", file=sys.stderr, flush=True)
 
@@ -849,13 +900,18 @@ class MlflowTracker(Tracker):
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        deadline = time.monotonic() + FINISH_WAIT_S
+        deadline = time.monotonic() + finish_wait_s()
         while True:
             try:
                 if self.replayer.push():
                     break
             except Unreachable as exc:
                 self._warn_offline(str(exc))
+            except Exception as exc:  # the run is over: keep the spool, never crash here
+                print(f"warning: MLflow logging failed ({str(exc)[:300]}); the spool "
+                      f"{self.spool.path} keeps everything for `tinytale sync`.",
+                      file=sys.stderr, flush=True)
+                break
             if time.monotonic() >= deadline:
                 print(f"warning: MLflow at {self.uri} is still unreachable; "
                       f"{len(self.replayer.pending())} spooled records wait in "

@@ -1,0 +1,158 @@
+"""How much MLflow tracking slows training: tracked vs --no-tracking, interleaved repetitions.
+
+Runs the same experiment (default: the built-in lesson) as separate `tinytale train --json`
+processes in three variants, in a rotating order within each repetition so slow phases of a
+shared machine hit every variant alike:
+
+  untracked     --no-tracking
+  tracked       --tracking-uri <local server>
+  tracked+steps --tracking-uri <local server> --set tracking.log_every_steps=10
+
+and compares `train_time_s` from the JSON summary (all epochs: training, validation and
+per-epoch logging). The one-off model logging + registration at the end is outside
+train_time_s and reported on its own (`registration_time_s`), as is process wall time.
+
+    .venv/bin/python bench/tracking_overhead.py --reps 7
+    .venv/bin/python bench/tracking_overhead.py --server http://127.0.0.1:5000 --set train.epochs=10
+
+Starts its own `mlflow server` (SQLite backend, served artifacts, in a temp folder) on a
+free loopback port unless --server is given. Prints a table and, with --json, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+VARIANTS = {
+    "untracked": ["--no-tracking"],
+    "tracked": [],
+    "tracked+steps": ["--set", "tracking.log_every_steps=10"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": "",
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"mlflow server exited; see {root / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit("mlflow server did not come up in 180 s")
+
+
+def train_once(variant: str, url: str, out: Path, config: str | None,
+               sets: list[str]) -> dict:
+    cmd = [str(BIN / "tinytale"), "train", *([config] if config else []), "--json",
+           "--out", str(out), "--tracking-uri", url, "--experiment", "bench-overhead",
+           "--set", "tracking.registered_model=bench-overhead"]
+    for s in sets:
+        cmd += ["--set", s]
+    cmd += VARIANTS[variant]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"train_time_s": summary["train_time_s"], "wall_s": round(wall, 3),
+            "registration_time_s": summary.get("registration_time_s")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", nargs="?", help="experiment YAML (default: built-in lesson)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions of each variant")
+    ap.add_argument("--server", help="use this MLflow server instead of starting one")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="extra config override for every run (repeatable)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tinytale-overhead-"))
+    server = None
+    url = args.server
+    if url is None:
+        server, url = start_server(work)
+    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    names = list(VARIANTS)
+    try:
+        # One warm-up of each (page cache, first experiment creation), not counted.
+        for v in names:
+            train_once(v, url, work / "runs", args.config, args.sets)
+        for rep in range(args.reps):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for v in order:
+                r = train_once(v, url, work / "runs", args.config, args.sets)
+                results[v].append(r)
+                print(f"rep {rep + 1}/{args.reps} {v:<14} train_time_s={r['train_time_s']:.3f}"
+                      f" wall_s={r['wall_s']:.2f}"
+                      + (f" registration_s={r['registration_time_s']:.2f}"
+                         if r["registration_time_s"] is not None else ""),
+                      file=sys.stderr, flush=True)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+    base = [r["train_time_s"] for r in results["untracked"]]
+    report: dict[str, dict] = {}
+    for v in names:
+        times = [r["train_time_s"] for r in results[v]]
+        paired = [t / b for t, b in zip(times, base, strict=True)]
+        regs = [r["registration_time_s"] for r in results[v] if r["registration_time_s"]]
+        report[v] = {
+            "median_train_time_s": statistics.median(times),
+            "ratio_of_medians": statistics.median(times) / statistics.median(base),
+            "median_paired_ratio": statistics.median(paired),
+            "median_wall_s": statistics.median(r["wall_s"] for r in results[v]),
+            "median_registration_s": statistics.median(regs) if regs else None,
+            "train_time_s": times,
+        }
+    print(f"{'variant':<14} {'train_s':>8} {'ratio':>7} {'paired':>7} {'wall_s':>7} "
+          f"{'register_s':>10}")
+    for v, r in report.items():
+        reg = "" if r["median_registration_s"] is None else f"{r['median_registration_s']:.2f}"
+        print(f"{v:<14} {r['median_train_time_s']:>8.3f} {r['ratio_of_medians']:>7.3f} "
+              f"{r['median_paired_ratio']:>7.3f} {r['median_wall_s']:>7.2f} {reg:>10}")
+    print(f"({args.reps} interleaved repetitions; ratio = median tracked / median untracked "
+          "train_time_s; paired = median of per-repetition ratios)")
+    if args.json:
+        print(json.dumps({"reps": args.reps, "server": args.server or "local", **report}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Tracking outages: the server is away at start or goes away mid-run. Training goes on,
+the spool keeps everything, and the replay (in finish, or by `tinytale sync`) logs every
+metric exactly once and registers the model once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from conftest import TINY, free_port
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from tinytale.cli import app
+from tinytale.mlflow_tracker import SPOOL_NAME
+
+EPOCH_METRICS = ("train_loss", "val_loss", "val_perplexity", "lr", "grad_norm",
+                 "tokens_per_sec", "epoch_time_s", "generalization_gap")
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def assert_once_per_epoch(client: MlflowClient, run_id: str, epochs: int) -> None:
+    for key in EPOCH_METRICS:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, epochs + 1)), (key, steps)
+
+
+def spool_records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
+            out.append(json.loads(line))
+    return out
+
+
+def sync(*args: str) -> dict:
+    result = CliRunner().invoke(app, ["sync", *args, "--json"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_log_metrics_never_waits_for_a_dead_server(tmp_path, monkeypatch):
+    """Against a port where nothing listens, the loop's calls cost microseconds."""
+    from tinytale.config import load_config
+    from tinytale.mlflow_tracker import MlflowTracker
+    from tinytale.tracking import RunInfo
+
+    monkeypatch.setenv("TINYTALE_TRACKING_WAIT_S", "0")
+    monkeypatch.setenv("TINYTALE_TRACKING_FLUSH_S", "0.05")  # retry all the time
+    cfg = load_config(None, ["tracking.system_metrics=false"])
+    tracker = MlflowTracker(cfg, f"http://127.0.0.1:{free_port()}")
+    run_id = tracker.start(RunInfo("e", "r", {"a": 1}, local_dir=tmp_path))
+    assert run_id is None
+    t0 = time.perf_counter()
+    for step in range(2000):
+        tracker.log_metrics({"train_loss_step": 1.0, "lr_step": 0.1}, step)
+    per_call = (time.perf_counter() - t0) / 2000
+    tracker.finish("FINISHED")
+    assert per_call < 0.002, per_call
+    recs = spool_records(tmp_path / SPOOL_NAME)
+    assert sum(r.get("op") == "m" for r in recs) == 2001  # + the final summary metrics
+    assert not any(r.get("op") == "ack" for r in recs)
+
+
+def test_server_down_at_start_then_sync(mlflow_server, tmp_path, monkeypatch):
+    """No server at all during training; `tinytale sync` later creates and fills the run."""
+    monkeypatch.setenv("TINYTALE_TRACKING_WAIT_S", "0")
+    name = f"offline-{uuid.uuid4().hex[:8]}"
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(app, [
+        "train", *sets(TINY), "--set", f"tracking.registered_model={name}",
+        "--experiment", name, "--tracking-uri", dead, "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["run_id"] is None and summary["registration"] == "pending"
+    assert "unreachable" in result.stderr
+    run_dir = Path(summary["run_dir"])
+
+    first = sync(str(run_dir), "--tracking-uri", mlflow_server.url)
+    client = MlflowClient(mlflow_server.url)
+    run_id = first["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "lesson"
+    assert run.data.params["model.n_embd"] == "16"
+    assert_once_per_epoch(client, run_id, 3)
+    assert {"config.yaml", "samples.txt"} <= {a.path for a in client.list_artifacts(run_id)}
+    assert first["registered_version"] == "1" and first["champion"] is True
+    assert client.get_model_version_by_alias(name, "champion").tags["run_id"] == run_id
+
+    # Nothing left: a second sync sends nothing.
+    again = sync(str(run_dir), "--tracking-uri", mlflow_server.url)
+    assert again["records_sent"] == 0 and again["run_id"] == run_id
+
+    # Lost acknowledgements (a crash right after the server took the data): the replay
+    # finds the run, the metrics and the model version it already created.
+    spool = run_dir / SPOOL_NAME
+    kept = [line for line in spool.read_text().splitlines()
+            if json.loads(line).get("op") not in ("ack", "run", "registered")]
+    spool.write_text("\n".join(kept) + "\n")
+    replay = sync(str(run_dir), "--tracking-uri", mlflow_server.url)
+    assert replay["run_id"] == run_id and replay["metrics_sent"] == 0
+    assert replay["registered_version"] == "1"
+    exp = client.get_experiment_by_name(name)
+    assert len(client.search_runs([exp.experiment_id])) == 1
+    assert_once_per_epoch(client, run_id, 3)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_server_restarted_mid_run(fresh_mlflow_server, tmp_path):
+    """Stop the server after epoch 1 reached it, restart it later: nothing lost or doubled."""
+    server = fresh_mlflow_server
+    epochs = 10
+    env = {**os.environ, "TINYTALE_TRACKING_FLUSH_S": "0.3", "TINYTALE_TRACKING_WAIT_S": "120"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    tinytale = Path(sys.executable).with_name("tinytale")
+    proc = subprocess.Popen(
+        [str(tinytale), "train", *sets(TINY), "--set", f"train.epochs={epochs}",
+         "--set", "tracking.system_metrics=false", "--tracking-uri", server.url,
+         "--out", str(tmp_path / "runs"), "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        spool = None
+        deadline = time.monotonic() + 120
+        # Wait until epoch 1 is acknowledged by the server.
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "epoch 1 never reached the server"
+            found = list((tmp_path / "runs").rglob(SPOOL_NAME))
+            if found:
+                spool = found[0]
+                recs = spool_records(spool)
+                acked = max((r["upto"] for r in recs if r.get("op") == "ack"), default=0)
+                epoch_seqs = [r["seq"] for r in recs
+                              if r.get("op") == "m" and "val_loss" in r["metrics"]]
+                if epoch_seqs and acked >= epoch_seqs[0]:
+                    break
+            time.sleep(0.05)
+        server.stop()
+        down_since = time.time() * 1000
+        # Training goes on while the server is away: more epochs are spooled.
+        while True:
+            recs = spool_records(spool)
+            spooled = [r for r in recs if r.get("op") == "m" and "val_loss" in r["metrics"]
+                       and r["ts"] > down_since]
+            if len(spooled) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert len(spooled) >= 2, "training stopped while the server was down"
+        server.start()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["registered_version"] == "1", err[-2000:]
+    client = MlflowClient(server.url)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert_once_per_epoch(client, summary["run_id"], epochs)
+    assert client.get_model_version_by_alias("tinytale", "champion").tags["run_id"] == \
+        summary["run_id"]
