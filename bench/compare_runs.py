@@ -15,6 +15,7 @@ The goal is under 5 s for the command.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -158,10 +159,13 @@ def main() -> int:
 
         print(f"fetch {len(keys)} histories of {len(runs)} runs ({len(keys) * len(runs)} "
               "series):")
-        for name, fn in (("bulk REST (tinytale)", bulk), ("get_metric_history, 16 threads",
-                                                         pooled),
-                         ("get_metric_history, sequential", sequential)):
+        figures: dict[str, object] = {"runs": args.runs, "epochs": args.epochs, "goal_s": 5.0}
+        for name, key, fn in (("bulk REST (tinytale)", "fetch_bulk_s", bulk),
+                              ("get_metric_history, 16 threads", "fetch_threads_s", pooled),
+                              ("get_metric_history, sequential", "fetch_sequential_s",
+                               sequential)):
             seconds, _ = timed(fn, args.repeat)
+            figures[key] = round(seconds, 3)
             print(f"  {name:<34} {seconds:6.3f} s")
 
         fetched = bulk()
@@ -174,6 +178,7 @@ def main() -> int:
             return rows
 
         seconds, rows = timed(analyse_and_plot, args.repeat)
+        figures["analyse_plot_s"] = round(seconds, 3)
         print(f"  analyse + plot PNG (in-process)   {seconds:6.3f} s "
               f"({out.stat().st_size // 1024} KiB)")
 
@@ -188,6 +193,7 @@ def main() -> int:
             return result
 
         seconds, _ = timed(in_process, args.repeat)
+        figures["in_process_s"] = round(seconds, 3)
         print(f"tinytale compare, in-process (imports warm):   {seconds:6.3f} s")
 
         tinytale_bin = Path(sys.executable).with_name("tinytale")
@@ -200,7 +206,8 @@ def main() -> int:
             return done
 
         seconds, done = timed(command, args.repeat)
-        spread = ", ".join(f"{t:.2f}" for t in timed.last)  # type: ignore[attr-defined]
+        command_times = list(timed.last)  # type: ignore[attr-defined]
+        spread = ", ".join(f"{t:.2f}" for t in command_times)
         print(f"tinytale compare, as a command (cold start):  {seconds:6.3f} s "
               f"({'OK' if seconds < 5 else 'OVER'} the 5 s goal; runs: {spread})")
         imports = subprocess.run(
@@ -209,8 +216,12 @@ def main() -> int:
             capture_output=True, text=True, cwd=REPO)
         print(f"  of which importing tinytale.cli + mlflow + matplotlib: "
               f"{float(imports.stdout):.2f} s")
+        figures.update(command_s=round(seconds, 3), ok=seconds < 5.0,
+                       command_runs_s=[round(t, 3) for t in command_times],
+                       imports_s=round(float(imports.stdout), 3))
         print(f"  command: {' '.join(cmd)}")
         print(f"  figure: {out}" + ("" if args.keep else " (deleted; --keep keeps it)"))
+        print(json.dumps(figures))  # last line: for bench/run.py
     finally:
         proc.terminate()
         proc.wait(timeout=30)
