@@ -3,8 +3,13 @@
 # enough for one trainer and a browser, and the server is healthy in half the time of four.
 #   docker build -f docker/mlflow.Dockerfile -t tinytale-mlflow .
 # BASE_IMAGE and WHEELHOUSE mean what they mean in docker/Dockerfile.
-# Hosts other than localhost must be listed in MLFLOW_SERVER_ALLOWED_HOSTS (compose.yaml adds
-# the service name), or MLflow answers 403 to protect against DNS rebinding.
+#
+# The ENTRYPOINT is docker/mlflow-server.sh, which builds the `mlflow server` command from the
+# environment (see its header): the Host header check is always on with an explicit list
+# (MLFLOW_SERVER_ALLOWED_HOSTS; compose.yaml adds the service name), and TINYTALE_MLFLOW_AUTH=1
+# turns on MLflow's basic-auth app with the admin password from TINYTALE_MLFLOW_ADMIN_PASSWORD or
+# a secret file. Nothing secret is in the image: the auth configuration is written at start.
+# The server runs as the unprivileged user `mlflow` (uid 10001).
 
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -20,13 +25,17 @@ FROM ${BASE_IMAGE}
 RUN useradd --create-home --uid 10001 --user-group mlflow \
     && mkdir -p /mlflow/db /mlflow/artifacts && chown -R mlflow:mlflow /mlflow
 COPY --from=build /opt/venv /opt/venv
+COPY docker/mlflow-server.sh /usr/local/bin/tinytale-mlflow-server
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    MLFLOW_SERVER_ALLOWED_HOSTS=localhost:*,127.0.0.1:*
+    MLFLOW_SERVER_ALLOWED_HOSTS=localhost:*,127.0.0.1:* \
+    TINYTALE_MLFLOW_HOME=/mlflow \
+    TINYTALE_MLFLOW_HOST=0.0.0.0 \
+    TINYTALE_MLFLOW_PORT=5000 \
+    TINYTALE_MLFLOW_WORKERS=2
 USER mlflow
 WORKDIR /mlflow
 EXPOSE 5000
-ENTRYPOINT ["mlflow", "server"]
-CMD ["--backend-store-uri", "sqlite:////mlflow/db/mlflow.db", \
-     "--artifacts-destination", "/mlflow/artifacts", "--serve-artifacts", \
-     "--host", "0.0.0.0", "--port", "5000", "--workers", "2"]
+# Configured by environment only: the script refuses arguments.
+ENTRYPOINT ["/bin/bash", "/usr/local/bin/tinytale-mlflow-server"]
+CMD []

@@ -12,14 +12,17 @@ Without a Docker engine the tests skip, except under CI=true, where that is a fa
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +244,26 @@ def test_best_checkpoint_is_a_registered_version(stack: Stack) -> None:
     assert champion["model_version"]["run_id"] == run_id
 
 
+def test_containers_run_unprivileged_and_publish_on_loopback(stack: Stack) -> None:
+    mlflow = stack.container("mlflow")
+    uid = subprocess.run(
+        ["docker", "exec", mlflow, "id", "-u"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert uid == "10001", f"the MLflow server runs as uid {uid}"
+    trainer = stack.container("trainer")
+    user = subprocess.run(
+        ["docker", "inspect", "--format", "{{.Config.User}}", trainer],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert user == "tinytale", f"the trainer image's user is {user!r}"
+    published = subprocess.run(
+        ["docker", "port", mlflow, "5000"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert published == [f"127.0.0.1:{stack.port}"], published
+
+
 def test_runs_survive_compose_down(stack: Stack) -> None:
     """`down` keeps the named volumes: the server comes back with the same run."""
     run_id = _finished_run(stack)["info"]["run_id"]
@@ -275,6 +298,19 @@ def test_gpu_profile_config_is_valid(docker_env: dict[str, str]) -> None:
     assert service["build"]["target"] == "cuda"
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d["capabilities"] for d in devices), devices
+    # One DDP process per visible GPU; the arguments of `run trainer-gpu ...` follow `-m tinytale`.
+    entrypoint = service["entrypoint"]
+    start = entrypoint.index("torchrun")
+    assert entrypoint[start:] == [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        "gpu",
+        "-m",
+        "tinytale",
+    ], entrypoint
+    assert service["command"][:2] == ["train", "experiments/lesson.yaml"]
+    assert int(service["shm_size"]) >= 1 << 30, "NCCL needs more than the default 64 MB /dev/shm"
 
 
 @pytest.mark.skipif(
@@ -305,3 +341,71 @@ def test_cuda_image_builds(docker_env: dict[str, str]) -> None:
         timeout=BUILD_TIMEOUT_S * 2,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def auth_stack(
+    docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, str]]:
+    """The server alone with TINYTALE_MLFLOW_AUTH=1 and the password in a secret file."""
+    password = f"e2e-{uuid.uuid4().hex}"
+    secret = tmp_path_factory.mktemp("secret") / "mlflow-admin-password"
+    secret.write_text(password + "\n")
+    secret.chmod(0o644)  # bind-mounted as is: uid 10001 in the containers must read it
+    port = _free_port()
+    project = f"tinytale-e2e-auth-{os.getpid()}"
+    env = {
+        **docker_env,
+        "COMPOSE_PROJECT_NAME": project,
+        "TINYTALE_MLFLOW_PORT": str(port),
+        "TINYTALE_MLFLOW_AUTH": "1",
+        "TINYTALE_MLFLOW_ADMIN_PASSWORD_FILE": str(secret),
+    }
+    env.pop("TINYTALE_MLFLOW_ADMIN_PASSWORD", None)
+    stack = Stack(project, port, env, {})
+    try:
+        start = time.monotonic()
+        # The images are the ones the `stack` fixture built (cached when it ran first).
+        stack.compose("up", "--detach", "--wait", "--build", "mlflow", timeout=BUILD_TIMEOUT_S)
+        stack.timings["auth_up_s"] = time.monotonic() - start
+        yield stack, password
+    finally:
+        stack.compose("down", "--volumes", "--remove-orphans", timeout=300, check=False)
+        print(f"\ndocker e2e auth timings: {stack.timings}")
+
+
+def _status(url: str, auth: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_auth_refuses_anonymous_requests_and_the_trainer_logs_in(
+    auth_stack: tuple[Stack, str],
+) -> None:
+    stack, password = auth_stack
+    base = f"http://127.0.0.1:{stack.port}"
+    search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _status(f"{base}/health") == 200  # what the healthcheck calls
+    assert _status(search) == 401
+    assert _status(search, ("admin", "password1234")) == 401
+    assert _status(search, ("admin", password)) == 200
+    # The trainer container gets the password from the same secret file, through its entrypoint.
+    probe = "import mlflow; print(len(mlflow.MlflowClient().search_experiments()), 'experiments')"
+    done = stack.compose(
+        "run",
+        "--rm",
+        "--no-deps",
+        "--entrypoint",
+        '/bin/sh /usr/local/bin/tinytale-entrypoint python -c "' + probe + '"',
+        "trainer",
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0 and "experiments" in done.stdout, done.stdout + done.stderr

@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Start tinytale's MLflow tracking server: the ENTRYPOINT of docker/mlflow.Dockerfile, and the
+# same script on a host without Docker (tests/test_security.py runs it as a subprocess), so that
+# both start `mlflow server` with the same flags:
+#   SQLite runs database   $TINYTALE_MLFLOW_HOME/db/mlflow.db
+#   artifacts              $TINYTALE_MLFLOW_HOME/artifacts, served over HTTP (--serve-artifacts)
+#   Host header check      --allowed-hosts "$MLFLOW_SERVER_ALLOWED_HOSTS", always explicit
+#   basic auth             with TINYTALE_MLFLOW_AUTH=1 (MLflow's `basic-auth` app)
+# Everything is configured by environment; the script takes no arguments. Every refusal is one
+# line `mlflow-server: ERROR: ...` on stderr and exit status 2, before anything is started.
+#
+# Environment
+#   MLFLOW_SERVER_ALLOWED_HOSTS    required: comma-separated Host headers the server answers
+#                                  (e.g. `mlflow:5000,localhost:*,127.0.0.1:*`); empty or `*`
+#                                  is refused. Others get 403 (DNS-rebinding protection).
+#   MLFLOW_SERVER_CORS_ALLOWED_ORIGINS  optional; MLflow's default is localhost origins; `*` is
+#                                  refused.
+#   TINYTALE_MLFLOW_HOME           state folder (default /mlflow, the image's volumes)
+#   TINYTALE_MLFLOW_HOST           interface to bind (default 127.0.0.1; the image sets 0.0.0.0,
+#                                  and compose publishes the port on the host's loopback only)
+#   TINYTALE_MLFLOW_PORT           port to listen on (default 5000)
+#   TINYTALE_MLFLOW_WORKERS        uvicorn workers (default 2)
+#   TINYTALE_MLFLOW_MODEL_SOURCE_REGEX  model-version sources the registry accepts (default:
+#                                  `models:/m-<id>`, `runs:/...` and `mlflow-artifacts:/...`
+#                                  without `..`); passed to MLflow as
+#                                  MLFLOW_CREATE_MODEL_VERSION_SOURCE_VALIDATION_REGEX.
+#   TINYTALE_MLFLOW_AUTH           1/true/yes: basic auth; 0/false/no/empty (default): none
+#   TINYTALE_MLFLOW_ADMIN_USER     admin user name (default admin)
+#   TINYTALE_MLFLOW_ADMIN_PASSWORD or TINYTALE_MLFLOW_ADMIN_PASSWORD_FILE (a file holding it,
+#                                  e.g. a compose secret): required with auth, at least 12
+#                                  characters, not MLflow's old default. It creates the admin
+#                                  user on the first start only (the user database lives in
+#                                  $TINYTALE_MLFLOW_HOME/db/basic_auth.db); later starts check
+#                                  nothing against it, so rotate it through MLflow's API.
+#   TINYTALE_MLFLOW_DEFAULT_PERMISSION  what authenticated users may do with others' resources:
+#                                  READ (default), EDIT, MANAGE or NO_PERMISSIONS
+#   TINYTALE_MLFLOW_SECRET_KEY(_FILE)   Flask secret for the auth app's CSRF tokens; by default
+#                                  a random one per start (all workers inherit it).
+# The auth configuration (it holds the admin password) is written at start, mode 600, to a new
+# folder under $TMPDIR (default /tmp): never into the image, never into the volumes.
+set -euo pipefail
+
+die() {
+    printf 'mlflow-server: ERROR: %s\n' "$*" >&2
+    exit 2
+}
+log() { printf 'mlflow-server: %s\n' "$*" >&2; }
+
+[ $# -eq 0 ] || die "takes no arguments (got '$*'); configure it with the environment variables \
+listed at the top of $0"
+
+home=${TINYTALE_MLFLOW_HOME:-/mlflow}
+host=${TINYTALE_MLFLOW_HOST:-127.0.0.1}
+port=${TINYTALE_MLFLOW_PORT:-5000}
+workers=${TINYTALE_MLFLOW_WORKERS:-2}
+[[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] \
+    || die "TINYTALE_MLFLOW_PORT='$port' is not a port number (1-65535)"
+[[ $workers =~ ^[1-9][0-9]*$ ]] || die "TINYTALE_MLFLOW_WORKERS='$workers' is not a positive number"
+
+# ---- Host header check: always on, always an explicit list --------------------------------
+allowed_hosts=${MLFLOW_SERVER_ALLOWED_HOSTS:-}
+allowed_hosts=${allowed_hosts//[[:space:]]/}
+[ -n "$allowed_hosts" ] || die "MLFLOW_SERVER_ALLOWED_HOSTS is empty: list the Host headers \
+clients use, e.g. 'localhost:*,127.0.0.1:*' (the host check protects against DNS rebinding)"
+IFS=, read -r -a host_list <<<"$allowed_hosts"
+for h in "${host_list[@]}"; do
+    [ "$h" != "*" ] || die "MLFLOW_SERVER_ALLOWED_HOSTS contains '*', which turns the Host \
+header check off; list the host names instead"
+done
+case ${MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE:-false} in
+    false | False | FALSE | 0 | "") unset MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE ;;
+    *) die "MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE is set: this server keeps the Host and CORS checks on" ;;
+esac
+cors=${MLFLOW_SERVER_CORS_ALLOWED_ORIGINS:-}
+case ",${cors//[[:space:]]/}," in
+    *,\*,*) die "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS contains '*': list the origins instead" ;;
+esac
+
+# MLflow rejects registry sources that do not match (CVE-2025-11201 class of bugs): tinytale
+# registers `models:/m-<id>` logged models; runs:/ and mlflow-artifacts:/ are the other forms a
+# client of this server produces. No `..` anywhere.
+: "${TINYTALE_MLFLOW_MODEL_SOURCE_REGEX:=^(models:/m-[0-9a-f]+|(runs|mlflow-artifacts):/(?!.*\.\.)\S*)$}"
+export MLFLOW_CREATE_MODEL_VERSION_SOURCE_VALIDATION_REGEX=$TINYTALE_MLFLOW_MODEL_SOURCE_REGEX
+# No GenAI job runner: tinytale never uses it, and it costs two Python processes.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+
+# ---- basic auth -------------------------------------------------------------------------------
+# Reads VAR or VAR_FILE (not both) into the variable named by $1; empty if neither is set.
+read_secret() {
+    local out=$1 name=$2 value file_var file
+    value=${!name:-}
+    file_var=${name}_FILE
+    file=${!file_var:-}
+    if [ -n "$file" ]; then
+        [ -r "$file" ] || die "$file_var='$file' is not a readable file (a compose secret must \
+be readable by uid $(id -u))"
+        local from_file
+        from_file=$(cat -- "$file")
+        # Strip one trailing newline/CR (editors add them), nothing else.
+        from_file=${from_file%$'\r'}
+        if [ -n "$from_file" ]; then
+            [ -z "$value" ] || die "both $name and $file_var are set; use one"
+            value=$from_file
+        fi
+    fi
+    printf -v "$out" '%s' "$value"
+}
+
+auth=${TINYTALE_MLFLOW_AUTH:-0}
+case ${auth,,} in
+    1 | true | yes | on) auth=1 ;;
+    0 | false | no | off | "") auth=0 ;;
+    *) die "TINYTALE_MLFLOW_AUTH='$auth' is not 1 or 0" ;;
+esac
+
+if [ "$auth" = 1 ]; then
+    for v in MLFLOW_AUTH_CONFIG_PATH MLFLOW_AUTH_ADMIN_USERNAME MLFLOW_AUTH_ADMIN_PASSWORD; do
+        [ -z "${!v:-}" ] || die "$v is set; this server takes TINYTALE_MLFLOW_ADMIN_USER and \
+TINYTALE_MLFLOW_ADMIN_PASSWORD(_FILE) instead"
+    done
+    admin_user=${TINYTALE_MLFLOW_ADMIN_USER:-admin}
+    [[ $admin_user =~ ^[A-Za-z0-9._@-]+$ ]] \
+        || die "TINYTALE_MLFLOW_ADMIN_USER='$admin_user' may use only letters, digits and ._@-"
+    read_secret admin_password TINYTALE_MLFLOW_ADMIN_PASSWORD
+    [ -n "$admin_password" ] || die "TINYTALE_MLFLOW_AUTH=1 needs an admin password: set \
+TINYTALE_MLFLOW_ADMIN_PASSWORD or TINYTALE_MLFLOW_ADMIN_PASSWORD_FILE (12+ characters)"
+    case ${admin_password,,} in
+        password1234 | password | admin | adminadmin1234 | changeme)
+            die "the admin password is MLflow's well-known default (or as guessable); choose \
+another one" ;;
+    esac
+    [ ${#admin_password} -ge 12 ] || die "the admin password has ${#admin_password} characters; \
+MLflow requires at least 12"
+    [[ $admin_password != *$'\n'* ]] || die "the admin password spans several lines"
+    # The ini reader strips surrounding blanks, so such a password would not be the one set.
+    [[ $admin_password != [[:space:]]* && $admin_password != *[[:space:]] ]] \
+        || die "the admin password starts or ends with a blank"
+    permission=${TINYTALE_MLFLOW_DEFAULT_PERMISSION:-READ}
+    case $permission in
+        READ | EDIT | MANAGE | NO_PERMISSIONS) ;;
+        *) die "TINYTALE_MLFLOW_DEFAULT_PERMISSION='$permission' is not READ, EDIT, MANAGE or \
+NO_PERMISSIONS" ;;
+    esac
+    read_secret secret_key TINYTALE_MLFLOW_SECRET_KEY
+    if [ -z "$secret_key" ]; then
+        secret_key=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))') \
+            || die "python3 is needed to make a secret key"
+    fi
+fi
+
+command -v mlflow >/dev/null || die "no 'mlflow' on PATH (install mlflow[auth] or use the image)"
+
+# ---- storage (only once every check has passed) ---------------------------------------------
+mkdir -p "$home/db" "$home/artifacts" || die "cannot create $home/db and $home/artifacts"
+home=$(cd "$home" && pwd -P)
+args=(
+    --backend-store-uri "sqlite:///$home/db/mlflow.db"
+    --artifacts-destination "$home/artifacts" --serve-artifacts
+    --host "$host" --port "$port" --workers "$workers"
+    --allowed-hosts "$allowed_hosts"
+)
+[ -z "$cors" ] || args+=(--cors-allowed-origins "$cors")
+
+if [ "$auth" = 1 ]; then
+    umask 077
+    conf_dir=$(mktemp -d "${TMPDIR:-/tmp}/tinytale-mlflow-auth.XXXXXX") \
+        || die "cannot create a folder under ${TMPDIR:-/tmp} for the auth configuration"
+    # configparser would read `%` as interpolation: double it.
+    {
+        printf '[mlflow]\n'
+        printf 'default_permission = %s\n' "$permission"
+        printf 'database_uri = sqlite:///%s/db/basic_auth.db\n' "$home"
+        printf 'admin_username = %s\n' "$admin_user"
+        printf 'admin_password = %s\n' "${admin_password//%/%%}"
+        printf 'authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n'
+    } >"$conf_dir/basic_auth.ini"
+    umask 022
+    export MLFLOW_AUTH_CONFIG_PATH=$conf_dir/basic_auth.ini
+    export MLFLOW_FLASK_SERVER_SECRET_KEY=$secret_key
+    args+=(--app-name basic-auth)
+    log "basic auth on (admin user '$admin_user'; users in $home/db/basic_auth.db)"
+fi
+# The server process needs none of these; keep them out of its environment.
+unset TINYTALE_MLFLOW_ADMIN_PASSWORD TINYTALE_MLFLOW_SECRET_KEY admin_password secret_key
+
+log "serving $home on $host:$port for hosts $allowed_hosts"
+exec mlflow server "${args[@]}"

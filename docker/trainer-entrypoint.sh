@@ -1,0 +1,22 @@
+#!/bin/sh
+# Entrypoint of the trainer images: runs its arguments (`tinytale ...`, or `torchrun ... -m
+# tinytale ...` in the GPU service) after one step. MLflow clients read the tracking password
+# only from MLFLOW_TRACKING_PASSWORD; with basic auth on, compose may hand it over as a secret
+# file instead (MLFLOW_TRACKING_PASSWORD_FILE), which is read here so that it never has to be
+# in the container's configuration. An empty file (compose's default) changes nothing.
+set -eu
+file=${MLFLOW_TRACKING_PASSWORD_FILE:-}
+if [ -z "${MLFLOW_TRACKING_PASSWORD:-}" ] && [ -n "$file" ]; then
+    if [ ! -r "$file" ]; then
+        echo "tinytale-entrypoint: ERROR: MLFLOW_TRACKING_PASSWORD_FILE='$file' is not readable" \
+            "by uid $(id -u)" >&2
+        exit 2
+    fi
+    password=$(cat "$file")
+    if [ -n "$password" ]; then
+        MLFLOW_TRACKING_PASSWORD=$password
+        export MLFLOW_TRACKING_PASSWORD
+    fi
+fi
+unset MLFLOW_TRACKING_PASSWORD_FILE file password
+exec "$@"
