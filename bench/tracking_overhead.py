@@ -12,8 +12,12 @@ and compares `train_time_s` from the JSON summary (all epochs: training, validat
 per-epoch logging). The one-off model logging + registration at the end is outside
 train_time_s and reported on its own (`registration_time_s`), as is process wall time.
 
-    .venv/bin/python bench/tracking_overhead.py --reps 7
+    .venv/bin/python bench/tracking_overhead.py --reps 7 --set train.num_threads=1
     .venv/bin/python bench/tracking_overhead.py --server http://127.0.0.1:5000 --set train.epochs=10
+
+On a machine shared with other jobs, pin torch to one thread (`--set train.num_threads=1`):
+with two threads on two busy cores, torch's thread barrier makes the same run take anywhere
+from 3 s to 75 s, which drowns any tracking cost; one thread keeps repetitions within ~3%.
 
 Starts its own `mlflow server` (SQLite backend, served artifacts, in a temp folder) on a
 free loopback port unless --server is given. Prints a table and, with --json, one JSON object.

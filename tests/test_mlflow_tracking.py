@@ -93,16 +93,21 @@ def test_artifacts_config_and_samples(server_run):
     assert "n_layer: 1" in Path(local).read_text()
 
 
-def test_register_false_logs_model_without_version(mlflow_server, tiny_overrides, tmp_path):
+def test_register_false_and_nesting_under_a_parent(mlflow_server, tiny_overrides, tmp_path):
+    """tracking.register=false logs the model without a version; sweeps nest their points."""
     name = f"noreg-{uuid.uuid4().hex[:8]}"
+    client = MlflowClient(mlflow_server.url)
+    exp_id = client.create_experiment(name)
+    parent = client.create_run(exp_id, run_name="sweep").info.run_id
     summary = train([*sets(tiny_overrides), "--set", "train.epochs=1", "--set",
                      "tracking.register=false", "--set", f"tracking.registered_model={name}",
                      "--set", "tracking.system_metrics=false", "--experiment", name,
-                     "--tracking-uri", mlflow_server.url, "--out", str(tmp_path)])
+                     "--tracking-uri", mlflow_server.url, "--out", str(tmp_path)],
+                    env={"TINYTALE_PARENT_RUN_ID": parent})
     assert summary["model_uri"].startswith("models:/m-")
     assert summary.get("registered_version") is None
-    client = MlflowClient(mlflow_server.url)
     assert client.search_registered_models(f"name = '{name}'") == []
+    assert client.get_run(summary["run_id"]).data.tags["mlflow.parentRunId"] == parent
 
 
 def test_invalid_tracking_uri_is_one_sentence(tiny_overrides, tmp_path):

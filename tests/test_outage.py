@@ -97,8 +97,8 @@ def test_server_down_at_start_then_sync(mlflow_server, tmp_path, monkeypatch):
     assert first["registered_version"] == "1" and first["champion"] is True
     assert client.get_model_version_by_alias(name, "champion").tags["run_id"] == run_id
 
-    # Nothing left: a second sync sends nothing.
-    again = sync(str(run_dir), "--tracking-uri", mlflow_server.url)
+    # Nothing left: a second sync (by run id this time) sends nothing.
+    again = sync(run_id, "--out", str(tmp_path), "--tracking-uri", mlflow_server.url)
     assert again["records_sent"] == 0 and again["run_id"] == run_id
 
     # Lost acknowledgements (a crash right after the server took the data): the replay

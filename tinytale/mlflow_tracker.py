@@ -260,6 +260,8 @@ class Replayer:
             op = rec.get("op")
             if "seq" in rec:
                 by_seq[rec["seq"]] = rec
+            elif rec.get("uri", uri) != uri:
+                continue  # bookkeeping of a replay to another tracking server
             elif op == "run":
                 self.run_id, self.experiment_id = rec["run_id"], rec.get("experiment_id")
             elif op == "ack":
@@ -284,7 +286,7 @@ class Replayer:
         return [r for r in self.spool.records if r.get("seq", 0) > self.acked]
 
     def _ack(self, seq: int) -> None:
-        self.spool.append({"op": "ack", "upto": seq}, data=False)
+        self.spool.append({"op": "ack", "upto": seq, "uri": self.uri}, data=False)
         self.acked = max(self.acked, seq)
 
     def _connect(self) -> MlflowClient:
@@ -416,8 +418,8 @@ class Replayer:
 
     def _set_run(self, run_id: str, experiment_id: str) -> None:
         self.run_id, self.experiment_id = run_id, experiment_id
-        self.spool.append({"op": "run", "run_id": run_id, "experiment_id": experiment_id},
-                          data=False)
+        self.spool.append({"op": "run", "run_id": run_id, "experiment_id": experiment_id,
+                           "uri": self.uri}, data=False)
 
     def _send_metrics(self, client: MlflowClient, recs: list[dict[str, Any]]) -> None:
         run_id = self._require_run()
@@ -620,7 +622,7 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
     client.set_tag(run_id, "tinytale.model_id", model_id)
     result.update(model_uri=model_uri, model_id=model_id)
     if not rec["register"]:
-        return _record_registration(spool, result)
+        return _record_registration(spool, result, uri)
 
     version = None
     for mv in client.search_model_versions(f"run_id = '{run_id}'"):
@@ -652,13 +654,19 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
         result["champion"] = True
     client.set_tag(run_id, "tinytale.registered_version", str(version.version))
     client.set_tag(run_id, "tinytale.registered_model", name)
-    return _record_registration(spool, result)
+    return _record_registration(spool, result, uri)
 
 
-def _record_registration(spool: Spool | None, result: dict[str, Any]) -> dict[str, Any]:
+def _record_registration(spool: Spool | None, result: dict[str, Any],
+                         uri: str) -> dict[str, Any]:
     if spool is not None:
-        spool.append({"op": "registered", **result}, data=False)
+        spool.append({"op": "registered", **result, "uri": uri}, data=False)
     return result
+
+
+def _public(rec: dict[str, Any]) -> dict[str, Any]:
+    """A spool bookkeeping record without its bookkeeping fields."""
+    return {k: v for k, v in rec.items() if k not in ("op", "uri")}
 
 
 def _float(x: Any) -> float:
@@ -876,7 +884,7 @@ class MlflowTracker(Tracker):
         if self.replayer.run_id:
             out["run_id"] = self.replayer.run_id
         if self.replayer.acked >= rec["seq"] and self.replayer.registered:
-            out.update({k: v for k, v in self.replayer.registered.items() if k != "op"})
+            out.update(_public(self.replayer.registered))
             out["registration_time_s"] = round(time.perf_counter() - t0, 3)
         else:
             out.update(registered_model=tracking.registered_model if tracking.register
@@ -982,7 +990,7 @@ def sync_spool(spool_path: Path, tracking_uri: str | None = None) -> dict[str, A
             "metrics_sent": replayer.pushed_metrics, "complete": done, "spool": str(spool_path),
         }
         if replayer.registered:
-            result.update({k: v for k, v in replayer.registered.items() if k != "op"})
+            result.update(_public(replayer.registered))
         return result
     finally:
         spool.close()
