@@ -741,7 +741,6 @@ class MlflowTracker(Tracker):
         self._monitor: Any = None
         self._best: tuple[float, int] = (math.inf, 0)
         self._last_epoch = 0
-        self._model_result: dict[str, Any] | None = None
         self._warned = False
         self._nonfinite = 0
         self._tmpdir: str | None = None
