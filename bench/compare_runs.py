@@ -137,7 +137,7 @@ def main() -> int:
         from mlflow.tracking import MlflowClient
 
         from tinytale import compare as cmp
-        from tinytale import mlflow_reader as mr
+        from tinytale.mlflow_tracker import reader as mr
 
         runs = mr.find_runs(url, sweep="bench")
         keys = cmp.metrics_needed("val_loss")

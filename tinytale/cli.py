@@ -1,4 +1,4 @@
-"""The `tinytale` command line: parse options, build the pieces, call the library. No training logic.
+"""The `tinytale` command line: parse options, build the pieces, call the library; no training.
 
 Mistakes a user can fix (`UserError`) print one sentence on stderr and exit with code 2.
 """
@@ -99,7 +99,8 @@ def train(
         help="auto | cpu | cuda | mps (overrides train.device).")] = None,
     out: Annotated[Path, typer.Option(
         envvar="TINYTALE_OUT",
-        help="Folder for checkpoints; each run writes OUT/<run name>/<timestamp>/.")] = Path("runs"),
+        help="Folder for checkpoints; each run writes OUT/<run name>/<timestamp>/.",
+    )] = Path("runs"),
     resume: Annotated[str | None, typer.Option(
         help="Continue a run: 'auto' (newest unfinished checkpoint under --out, else start "
              "fresh), a checkpoint file, or an MLflow run id.")] = None,
@@ -113,7 +114,7 @@ def train(
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON summary object as the last line of stdout.")] = False,
 ) -> None:
-    """Train a GPT on fairy tales: per-epoch table on stderr, best checkpoint kept and registered."""
+    """Train a GPT on fairy tales: per-epoch table on stderr, best checkpoint kept, registered."""
     from tinytale.config import load_config
     from tinytale.run import train_run
     from tinytale.train import StopRequest
@@ -197,8 +198,13 @@ def generate(
 
 
 def resolve_model_source(source: str, tracking_uri: str | None) -> Path:
-    """A local checkpoint path as is; MLflow model URIs and run ids are fetched first."""
+    """A checkpoint file as is; a folder -> its newest best.pt; MLflow URIs and run ids fetched."""
     path = Path(source)
+    if path.is_dir():
+        found = sorted(path.rglob("best.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"folder '{path}' holds no best.pt; train a run into it first.")
+        return found[-1]
     if path.exists() or source.endswith(".pt"):
         return path
     from tinytale.mlflow_tracker import download_checkpoint
@@ -253,8 +259,13 @@ def sweep(
 
     Exit code: number of failed points (at most 125); 2 bad sweep file; 130/143 interrupted.
     """
-    from tinytale.sweep import load_sweep, render_results, resolved_overrides, run_sweep
-    from tinytale.sweep import sweep_experiment
+    from tinytale.sweep import (
+        load_sweep,
+        render_results,
+        resolved_overrides,
+        run_sweep,
+        sweep_experiment,
+    )
 
     with user_errors():
         spec = load_sweep(sweep_file)
@@ -309,7 +320,7 @@ def compare(
     from tinytale import compare as cmp
 
     cmp.prefetch_plotting()  # overlaps matplotlib's import with MLflow's and the network
-    from tinytale import mlflow_reader as mr
+    from tinytale.mlflow_tracker import reader as mr
 
     with user_errors():
         if out.suffix.lower() not in (".png", ".svg"):
@@ -396,6 +407,27 @@ def sync(
                "values)" + (f"; registered models:/{result['registered_model']}/"
                             f"{result['registered_version']}"
                             if result.get("registered_version") else ""))
+
+
+@app.command()
+def launch(
+    config: Annotated[str, typer.Argument(
+        help="Experiment YAML: a path inside the image (experiments/X.yaml) or a file on this "
+             "host, which is mounted into the container.")] = "experiments/lesson.yaml",
+    device: Annotated[str, typer.Option(
+        help="cpu | cuda | auto (cuda only when Docker has the NVIDIA runtime).")] = "auto",
+    set_: SetOption = None,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="Return at once; follow with `docker compose logs -f`.")] = False,
+    build: Annotated[bool, typer.Option(
+        "--build", help="Rebuild the images first (after changing the code).")] = False,
+) -> None:
+    """Train in the CPU or CUDA container of the compose stack (starting MLflow if needed)."""
+    from tinytale.launch import launch as launch_run
+
+    with user_errors():
+        code = launch_run(config, device, list(set_ or []), detach=detach, build=build)
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -1,7 +1,7 @@
 """Overfitting analysis across runs: best epoch, overfitting onset, final gap, plot and table.
 
 Everything here is pure: it works on `RunCurves` (plain data fetched elsewhere, see
-`tinytale.mlflow_reader`) and never talks to MLflow, so every rule can be tested on
+`tinytale.mlflow_tracker.reader`) and never talks to MLflow, so every rule can be tested on
 hand-made curves.
 
 Definitions (all "lower is better" metrics: losses and perplexities):

@@ -345,7 +345,7 @@ def run_sweep(
     extra_args: Sequence[str] = (),
 ) -> SweepResult:
     """Run every point not yet finished, `parallel` at a time, each in its own process."""
-    from tinytale import mlflow_reader as mr
+    from tinytale.mlflow_tracker import reader as mr
 
     if parallel < 1:
         raise UserError(f"--parallel {parallel} must be at least 1.")

@@ -69,10 +69,14 @@ class FanoutTracker(Tracker):
     def __init__(self, trackers: Sequence[Tracker]):
         self.trackers = list(trackers)
 
+    @property
+    def run_id(self) -> str | None:  # type: ignore[override]
+        # Read live: a tracker that started offline learns its run id later.
+        return next((t.run_id for t in self.trackers if t.run_id), None)
+
     def start(self, info: RunInfo) -> str | None:
         ids = [t.start(info) for t in self.trackers]
-        self.run_id = next((i for i in ids if i), None)
-        return self.run_id
+        return next((i for i in ids if i), None)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for t in self.trackers:

@@ -1,8 +1,7 @@
-"""Every MLflow call that sweeps and `tinytale compare` make (temporary home).
+"""Reading runs back for sweeps and `tinytale compare`: the query side of the MLflow package.
 
-These are plain functions of a tracking URI so they can move into `tinytale.mlflow_tracker`
-unchanged. They translate MLflow entities into the plain data of `tinytale.compare` and
-raise `UserError` for what a user can fix (unknown experiment, run or sweep).
+Plain functions of a tracking URI. They translate MLflow entities into the plain data of
+`tinytale.compare` and raise `UserError` for what a user can fix (unknown experiment, run or sweep).
 
 Tags written and read here:
 * sweep parent run: `tinytale.sweep_parent` = sweep name (and the run is named after it)
@@ -36,9 +35,10 @@ _BULK_MAX_STEPS = 2500  # the server's limit of values per run and request
 
 
 def tracking_uri_or_default(uri: str | None) -> str:
-    """The URI given, else MLFLOW_TRACKING_URI, else ./mlflow.db (absolute), as `train` does."""
-    uri = (uri or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    """The URI given, else MLFLOW_TRACKING_URI, else ./mlflow.db, exactly as `train` does."""
+    from tinytale.mlflow_tracker import resolve_tracking_uri
+
+    return resolve_tracking_uri(uri)
 
 
 def _client(uri: str | None) -> Any:
@@ -228,26 +228,11 @@ def _bulk_history(uri: str, key: str, run_ids: Sequence[str]) -> dict[str, list[
 
 
 def ensure_experiment(tracking_uri: str | None, name: str) -> str:
-    """The id of experiment `name`, created when missing (artifacts beside a local SQLite db)."""
-    from mlflow.exceptions import MlflowException
+    """The id of experiment `name`, created when missing, as `train` creates it."""
+    from tinytale.mlflow_tracker import ensure_experiment as ensure
 
     uri = tracking_uri_or_default(tracking_uri)
-    client = _client(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # artifacts beside the database, as train does
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    try:
-        return client.create_experiment(
-            name, artifact_location=location,
-            tags={"mlflow.experimentKind": "custom_model_development"})
-    except MlflowException:
-        exp = client.get_experiment_by_name(name)  # created concurrently
-        if exp is None:
-            raise
-        return exp.experiment_id
+    return ensure(_client(uri), name, uri)
 
 
 def find_sweep_parent(tracking_uri: str | None, experiment: str | None, sweep: str

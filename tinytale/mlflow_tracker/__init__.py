@@ -1,4 +1,7 @@
-"""MLflow tracking for tinytale: the only module that imports mlflow.
+"""MLflow tracking for tinytale: this package is the only place that imports mlflow.
+
+`tinytale.mlflow_tracker` writes runs (the tracker, the spool, the registry) and
+`tinytale.mlflow_tracker.reader` reads them back for sweeps and `tinytale compare`.
 
 Design
 ------
@@ -745,6 +748,12 @@ class MlflowTracker(Tracker):
         self._nonfinite = 0
         self._tmpdir: str | None = None
 
+    @property
+    def run_id(self) -> str | None:  # type: ignore[override]
+        # Live: a run created after an outage gets its id from the replayer later on, and
+        # checkpoints written after that carry it (so `--resume RUN_ID` finds them).
+        return self.replayer.run_id if self.replayer else None
+
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self, info: RunInfo) -> str | None:
@@ -795,7 +804,6 @@ class MlflowTracker(Tracker):
         self._thread = threading.Thread(target=self._background, name="tinytale-mlflow",
                                         daemon=True)
         self._thread.start()
-        self.run_id = self.replayer.run_id
         return self.run_id
 
     def _restore_progress(self) -> None:
@@ -926,7 +934,6 @@ class MlflowTracker(Tracker):
                       f"{self.spool.path.parent}`.", file=sys.stderr, flush=True)
                 break
             time.sleep(1.0)
-        self.run_id = self.replayer.run_id
         self.spool.close()
         if self._tmpdir and not self.replayer.pending():
             shutil.rmtree(self._tmpdir, ignore_errors=True)
