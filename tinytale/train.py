@@ -55,6 +55,7 @@ class TrainState:
     best_epoch: int = 0
     epochs_since_best: int = 0
     skipped_steps: int = 0
+    first_step_loss: float | None = None  # the loss before any learning: ~ln(vocab) at random
     train_time_s: float = 0.0  # wall time of finished epochs, validation included
     # Partial-epoch accumulators, so a mid-epoch resume reports the same epoch means.
     epoch_loss_sum: float = 0.0
@@ -83,6 +84,7 @@ class FitResult:
             "epochs": len(history),
             "best_epoch": self.state.best_epoch or None,
             "best_val_loss": _finite_or_none(self.state.best_val_loss),
+            "first_step_loss": self.state.first_step_loss,
             "final_train_loss": history[-1]["train_loss"] if history else None,
             "final_val_loss": history[-1]["val_loss"] if history else None,
             "tokens_per_sec": float(np.median(tps)) if tps else None,
@@ -310,6 +312,8 @@ def fit(
                 loss_sum += step_loss
                 grad_norm_sum += grad_norm.detach()
             state.epoch_steps += 1
+            if state.first_step_loss is None:  # one host sync, once per run
+                state.first_step_loss = float(step_loss) / accum
             if log_every_steps and state.step % log_every_steps == 0:
                 tracker.log_metrics({"train_loss_step": float(step_loss) / accum,
                                      "lr_step": lr}, state.step)
