@@ -177,18 +177,12 @@ def test_shipped_sweep_and_study_files_are_valid():
 # --------------------------------------------------------------------------- end to end
 
 
-needs_tracker = pytest.mark.skipif(
-    not (REPO / "tinytale" / "mlflow_tracker.py").exists(),
-    reason="needs tinytale.mlflow_tracker (train's MLflow logging)")
-
-
 def tinytale(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TINYTALE_TRACKING_FLUSH_S": "0.5", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "tinytale", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-@needs_tracker
 def test_tiny_sweep_end_to_end(mlflow_server, tmp_path, tiny_overrides, monkeypatch):
     from mlflow.tracking import MlflowClient
 
