@@ -14,6 +14,7 @@ A B A B so drift of a shared machine hits both. Prints a table and one JSON line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -21,8 +22,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
+import tinytale.data as data_mod
+import tinytale.train as train_mod
 from tinytale.config import load_config
+from tinytale.model import param_groups
 from tinytale.run import build_model, prepare_data
 from tinytale.tracking import NullTracker
 from tinytale.train import fit
@@ -72,6 +77,51 @@ def tinytale_tokens_per_sec(cfg, data) -> tuple[float, float]:
     return epoch["tokens_per_sec"], tokens / wall
 
 
+@contextlib.contextmanager
+def without(change: str):
+    """Undo one of fit()'s speed choices for the duration (benchmark-only monkeypatching)."""
+    if change == "fused-adamw":
+        original = train_mod.make_optimizer
+
+        def foreach_adamw(model, cfg, device):
+            return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                     betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+        train_mod.make_optimizer = foreach_adamw
+        try:
+            yield
+        finally:
+            train_mod.make_optimizer = original
+    elif change == "batched-windows":
+        # Per-window __getitem__ and default_collate: what a plain Dataset does.
+        getitems, collate = data_mod.TokenWindows.__getitems__, data_mod._whole_batch
+        data_mod.TokenWindows.__getitems__ = None
+        data_mod._whole_batch = default_collate
+        try:
+            yield
+        finally:
+            data_mod.TokenWindows.__getitems__, data_mod._whole_batch = getitems, collate
+    else:
+        raise ValueError(change)
+
+
+def ablate(setting: str, repeats: int) -> dict:
+    """What each choice buys: fit() as shipped vs fit() with that one choice undone."""
+    cfg = load_config(None, [*SETTINGS[setting], "train.epochs=1", "train.device=cpu"])
+    data = prepare_data(cfg)
+    tinytale_tokens_per_sec(cfg, data)  # warm-up
+    out = {}
+    for change in ("fused-adamw", "batched-windows"):
+        ratios = []
+        for _ in range(repeats):
+            shipped = tinytale_tokens_per_sec(cfg, data)[0]
+            with without(change):
+                undone = tinytale_tokens_per_sec(cfg, data)[0]
+            ratios.append(shipped / undone)
+        out[change] = statistics.median(ratios)
+    return out
+
+
 def measure(setting: str, repeats: int = 3) -> dict:
     cfg = load_config(None, [*SETTINGS[setting], "train.epochs=1", "train.device=cpu"])
     data = prepare_data(cfg)
@@ -104,10 +154,14 @@ def main() -> None:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="baby-gpt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also measure what fused AdamW and batched windows each buy")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     r = measure(args.setting, args.repeats)
+    if args.ablate:
+        r["speedup_from"] = ablate(args.setting, args.repeats)
     print(f"setting {r['setting']}: {r['steps_per_round']} steps/round, "
           f"{r['threads']} threads, median of {args.repeats}")
     print(f"  eager baseline        {r['baseline_tokens_per_sec']:>10.0f} tok/s")
@@ -115,6 +169,8 @@ def main() -> None:
           f"ratio {r['ratio']:.3f}")
     print(f"  fit() incl. val+ckpt  {r['tinytale_tokens_per_sec_with_validation']:>10.0f} tok/s  "
           f"ratio {r['ratio_with_validation']:.3f}")
+    for change, ratio in r.get("speedup_from", {}).items():
+        print(f"  {change:<21} buys x{ratio:.3f} (shipped / with it undone)")
     print(json.dumps(r))
 
 

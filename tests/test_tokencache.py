@@ -45,3 +45,17 @@ def test_stream_split_is_by_story_and_cached(tmp_path, monkeypatch):
     assert {f: f.stat().st_mtime_ns for f in files} == stamps  # reused, not rewritten
     x, y = data.train[0]
     assert x.dtype == torch.long and torch.equal(x[1:], y[:-1])
+
+
+def test_changed_corpus_is_tokenized_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYTALE_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "tales.txt"
+    stories = write_corpus(corpus, n=30)
+    overrides = [f"data.corpus={corpus}", "data.tokenizer=char", "data.stream=true",
+                 "model.block_size=32", "data.val_fraction=0.2"]
+    first = prepare_data(load_config(None, overrides))
+    with open(corpus, "a", encoding="utf-8") as f:
+        f.write("\n" + "\n\n".join(stories[:5]) + "\n")
+    second = prepare_data(load_config(None, overrides))
+    assert (second.n_train_stories + second.n_val_stories
+            == first.n_train_stories + first.n_val_stories + 5)

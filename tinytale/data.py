@@ -43,11 +43,10 @@ def split_stories(
 
 
 def encode_stories(tokenizer: Tokenizer, stories: Sequence[str]) -> torch.Tensor:
-    ids: list[int] = []
-    for story in stories:
-        ids.extend(tokenizer.encode(story))
-        ids.append(tokenizer.eos_id)
-    return torch.tensor(ids, dtype=torch.long)
+    """One token stream: each story's ids followed by the end-of-story id."""
+    if not stories:
+        return torch.empty(0, dtype=torch.long)
+    return torch.from_numpy(tokenizer.encode_many(stories))
 
 
 class TokenWindows(Dataset):

@@ -27,7 +27,7 @@ from tinytale.data import DataBundle, build_data, windows_from_tokens
 from tinytale.errors import UserError
 from tinytale.model import GPT, GPTConfig
 from tinytale.sample import generate
-from tinytale.tokencache import build_token_files, content_hash
+from tinytale.tokencache import build_token_files, cached_tokenizer, content_hash
 from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from tinytale.tracking import RunInfo, Tracker
 from tinytale.train import FitResult, StopRequest, fit, resolve_device, seed_everything
@@ -75,9 +75,9 @@ def prepare_streamed(config: Config, files: list[Path],
     def stories() -> Iterator[str]:
         return itertools.islice(stream_stories(files), d.n_stories)
 
-    if tokenizer is None:
-        tokenizer = train_tokenizer(d.tokenizer, stories(), d.bpe_vocab_size)
     key = f"{content_hash(files)}:{d.n_stories}"
+    if tokenizer is None:
+        tokenizer = cached_tokenizer(key, d.tokenizer, d.bpe_vocab_size, stories)
     token_files = build_token_files(stories(), key, tokenizer, d.val_fraction, d.seed)
     train_tokens = token_files.tokens("train")
     if d.train_fraction < 1.0:

@@ -13,14 +13,14 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tinytale.tokenizer import Tokenizer
+from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 
 CHUNK_STORIES = 4096  # stories encoded per batch (BPE encodes a batch in parallel)
 
@@ -30,13 +30,42 @@ def cache_root() -> Path:
 
 
 def content_hash(files: Sequence[Path]) -> str:
+    """Hash of the corpus bytes; remembered per (path, size, mtime) so a 1 GB corpus that has
+    not changed is not read again just to find its cache."""
+    signature = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
+                            for f in files])
+    memo = cache_root() / "hashes" / hashlib.blake2b(signature.encode(),
+                                                     digest_size=16).hexdigest()
+    if memo.exists():
+        return memo.read_text().strip()
     h = hashlib.blake2b(digest_size=16)
     for file in files:
         h.update(str(file.stat().st_size).encode())
         with open(file, "rb") as f:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(memo.name + f".tmp-{os.getpid()}")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)
+    return digest
+
+
+def cached_tokenizer(corpus_key: str, kind: str, bpe_vocab_size: int,
+                     stories: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The tokenizer trained on this corpus before, or a new one (a full pass over it)."""
+    key = hashlib.blake2b(f"{corpus_key}:{kind}:{bpe_vocab_size}".encode(),
+                          digest_size=16).hexdigest()
+    path = cache_root() / "tokenizers" / f"{key}.json"
+    if path.exists():
+        return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    tokenizer = train_tokenizer(kind, stories(), bpe_vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(tokenizer.to_dict()), encoding="utf-8")
+    os.replace(tmp, path)
+    return tokenizer
 
 
 def in_validation(index: int, seed: int, val_fraction: float) -> bool:
