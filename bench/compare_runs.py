@@ -20,44 +20,19 @@ import math
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tinytale.mlflow_tracker.local_server import LocalServer
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ("train_loss", "val_loss", "train_perplexity", "val_perplexity",
                  "generalization_gap", "lr", "grad_norm", "tokens_per_sec", "epoch_time_s")
-
-
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""}, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited; see {root / 'server.log'}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError("mlflow server did not start in 120 s")
 
 
 def synthetic_curve(rng: random.Random, epochs: int, onset: int) -> tuple[list, list]:
@@ -127,7 +102,8 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
 
     root = Path(tempfile.mkdtemp(prefix="tinytale-bench-"))
-    proc, url = start_server(root)
+    server = LocalServer(root).start()
+    url = server.url
     try:
         t0 = time.perf_counter()
         write_store(url, args.runs, args.epochs, "bench")
@@ -223,8 +199,7 @@ def main() -> int:
         print(f"  figure: {out}" + ("" if args.keep else " (deleted; --keep keeps it)"))
         print(json.dumps(figures))  # last line: for bench/run.py
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     return 0

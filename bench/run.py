@@ -128,11 +128,15 @@ def docker_bench() -> dict:
 def main() -> None:
     sections = ["lesson", "baby-gpt", "cpu-speed", "tracking", "compare", "data-scale", "docker"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("only", nargs="*", choices=sections + [[]], default=[])
+    parser.add_argument("only", nargs="*", metavar="SECTION",
+                        help=f"some of: {', '.join(sections)} (default: all but docker)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--big", action="store_true", help="data-scale up to 1 GB")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
+    unknown = set(args.only) - set(sections)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; pick from {sections}")
     chosen = args.only or [s for s in sections if s != "docker"]
     results: list[dict] = []
     for section in chosen:

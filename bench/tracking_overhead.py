@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from tinytale.mlflow_tracker.local_server import LocalServer
 
 BIN = Path(sys.executable).parent
 VARIANTS = {
@@ -45,36 +43,6 @@ VARIANTS = {
     "tracked": [],
     "tracked+steps": ["--set", "tracking.log_every_steps=10"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": "",
-             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"mlflow server exited; see {root / 'server.log'}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit("mlflow server did not come up in 180 s")
 
 
 def train_once(variant: str, url: str, out: Path, config: str | None,
@@ -109,7 +77,8 @@ def main() -> None:
     server = None
     url = args.server
     if url is None:
-        server, url = start_server(work)
+        server = LocalServer(work).start()
+        url = server.url
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     names = list(VARIANTS)
     try:
@@ -128,8 +97,7 @@ def main() -> None:
                       file=sys.stderr, flush=True)
     finally:
         if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     base = [r["train_time_s"] for r in results["untracked"]]

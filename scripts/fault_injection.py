@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from tinytale.mlflow_tracker.local_server import LocalServer
 
 EPOCHS = 8
 TRAIN = ["--json", "--set", "model.n_layer=1", "--set", "model.n_head=2",
@@ -38,39 +39,8 @@ TRAIN = ["--json", "--set", "model.n_layer=1", "--set", "model.n_head=2",
          "--set", "tracking.samples=1", "--set", "tracking.system_metrics=false"]
 
 
-class Server:
-    """`mlflow server` with SQLite and served artifacts on a fixed port, stoppable."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives with the server
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError("mlflow server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
+class Server(LocalServer):
+    """The local `mlflow server`, plus a small REST client to ask it what it holds."""
 
     def api(self, path: str, body: dict | None = None) -> dict:
         req = urllib.request.Request(
@@ -171,8 +141,11 @@ SCENARIOS = {"sigkill-resume": sigkill_resume, "sigterm-resume": sigterm_resume,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], default=[])
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"some of: {', '.join(SCENARIOS)} (default: all)")
     args = parser.parse_args()
+    if set(args.scenarios) - set(SCENARIOS):
+        parser.error(f"scenarios are: {', '.join(SCENARIOS)}")
     rows, bad = [], 0
     for name in args.scenarios or SCENARIOS:
         with tempfile.TemporaryDirectory() as tmp:
