@@ -79,7 +79,10 @@ step_engine() {
     command -v dockerd >/dev/null || apt_install docker.io
     if ! docker info >/dev/null 2>&1; then
         log "engine: starting dockerd (log: $dockerd_log)"
-        as_root setsid sh -c "exec dockerd >>'$dockerd_log' 2>&1" </dev/null &
+        # Fully detached: `setsid --fork` returns at once, and no descendant keeps this
+        # script's stdout open. Callers read that stdout with `$(...)`, which waits for every
+        # writer to close it; a dockerd holding it would block them forever.
+        as_root setsid --fork sh -c "exec dockerd >>'$dockerd_log' 2>&1" </dev/null >/dev/null 2>&1
         for _ in $(seq 60); do
             docker info >/dev/null 2>&1 && break
             sleep 1
