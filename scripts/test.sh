@@ -21,7 +21,9 @@ fi
 if [ "${TINYTALE_DOCKER:-1}" != "0" ]; then
   # Prints `export NAME=value` lines for the e2e test (base image, wheelhouse, ...).
   # Captured first: `eval "$(...)"` would hide the script's failure.
-  exports=$(bash scripts/docker-offline.sh)
+  # Bounded, so a stuck download or engine fails the run instead of using up CI's time.
+  exports=$(timeout 1800 bash scripts/docker-offline.sh) \
+    || { echo "scripts/docker-offline.sh failed or ran past 30 min (see its output above)" >&2; exit 1; }
   eval "$exports"
 fi
 

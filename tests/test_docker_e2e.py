@@ -31,14 +31,16 @@ from typing import Any
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
 REPO = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = REPO / "scripts" / "docker-offline.sh"
 LESSON = REPO / "experiments" / "lesson.yaml"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 BUILD_TIMEOUT_S = 1200
 TRAIN_TIMEOUT_S = 900
+
+# Building both images on a fresh machine takes minutes; the module fixture counts toward
+# the first test's limit.
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2 * BUILD_TIMEOUT_S)]
 
 
 def _docker_answers() -> bool:
