@@ -60,12 +60,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """The whole state; `mmap=True` maps tensors from the file instead of reading them."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path.")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, wrong format, unsafe pickle: all user-facing
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(
@@ -79,6 +81,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "`tinytale train`."
         )
     return state
+
+
+def peek_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state for reading its small fields (`run_id`, `finished`, `epoch`).
+
+    Tensors are memory-mapped, not read, so looking through many large checkpoints costs
+    little; a truncated or foreign file still raises CheckpointError.
+    """
+    return load_checkpoint(path, mmap=True)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -118,7 +129,7 @@ def find_resumable(folder: str | Path) -> Path | None:
     candidates.sort(key=lambda p: (p.stat().st_mtime, p.name == LAST), reverse=True)
     for path in candidates:
         try:
-            state = load_checkpoint(path)
+            state = peek_checkpoint(path)
         except CheckpointError:
             continue
         if not state.get("finished", False):

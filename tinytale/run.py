@@ -20,7 +20,7 @@ import torch
 
 import tinytale
 from tinytale import distributed
-from tinytale.checkpoint import CheckpointError, find_resumable, load_checkpoint
+from tinytale.checkpoint import CheckpointError, find_resumable, load_checkpoint, peek_checkpoint
 from tinytale.config import Config
 from tinytale.corpus import corpus_files, load_corpus, stream_stories
 from tinytale.data import DataBundle, build_data, windows_from_tokens
@@ -136,7 +136,7 @@ def resolve_resume(resume: str | None, out_dir: Path, run_name: str) -> Path | N
     # A run id: find the checkpoint that run wrote under the out dir.
     for candidate in sorted(out_dir.rglob("last.pt"), key=os.path.getmtime, reverse=True):
         try:
-            if load_checkpoint(candidate).get("run_id") == resume:
+            if peek_checkpoint(candidate).get("run_id") == resume:
                 return candidate
         except CheckpointError:
             continue
