@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tinytale.checkpoint import peek_checkpoint
 from tinytale.cli import app
 from tinytale.config import load_config, parse_override
 from tinytale.errors import UserError
@@ -20,6 +23,7 @@ from tinytale.sweep import (
     MAX_EXIT_FAILED,
     PointResult,
     SweepResult,
+    _error_of,
     expand_grid,
     load_sweep,
     overrides_key,
@@ -163,6 +167,17 @@ def test_exit_code_counts_failures_capped():
     assert result(["FAILED"], "SIGINT").exit_code == 130
 
 
+def test_error_of_reads_only_the_latest_attempt(tmp_path):
+    log = tmp_path / "point.log"
+    log.write_text("\n==== 2026-01-01 00:00:00 train a.yaml\nerror: disk full\n"
+                   "\n==== 2026-01-02 00:00:00 train a.yaml --resume last.pt\nSegmentation\n")
+    assert _error_of(log, -11) == "exit code -11: Segmentation"
+    with log.open("a") as f:
+        f.write("\n==== 2026-01-03 00:00:00 train a.yaml\nerror: val_loss is nan\n")
+    assert _error_of(log, 1) == "val_loss is nan"
+    assert _error_of(tmp_path / "missing.log", 1) == "exit code 1: no output"
+
+
 def test_shipped_sweep_and_study_files_are_valid():
     for path in sorted((REPO / "experiments").glob("sweep_*.yaml")):
         spec = load_sweep(path)
@@ -240,6 +255,65 @@ def test_tiny_sweep_end_to_end(mlflow_server, tmp_path, tiny_overrides, monkeypa
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "compare")] == \
         ["compare/tiny.png"]
+
+
+def test_stopped_sweep_resumes_its_point_into_the_same_run(mlflow_server, tmp_path,
+                                                          tiny_overrides):
+    """SIGTERM to the sweep stops its point with a checkpoint; the next sweep resumes it."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "tiny.yaml").write_text(
+        "tracking:\n  experiment: sweep-resume\n  register: false\n")
+    epochs = 40
+    sweep = write(tmp_path, {
+        "name": "stopped", "base": "tiny.yaml",
+        "set": {k: yaml.safe_load(v) for k, v in (o.split("=") for o in tiny_overrides)}
+        | {"train.epochs": epochs, "data.n_stories": 60, "tracking.samples": 0,
+           "train.num_threads": 1},
+        "points": [{"model.dropout": 0.1}],
+    })
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "tinytale", "sweep", str(sweep), "--tracking-uri",
+            mlflow_server.url, "--out", str(runs), "--json"]
+    env = {**os.environ, "TINYTALE_TRACKING_FLUSH_S": "0.5", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def stopped_epoch() -> int:
+        try:
+            return peek_checkpoint(next(runs.rglob("last.pt")))["train_state"]["epoch"]
+        except Exception:  # not written yet, or being replaced right now
+            return 0
+
+    deadline = time.monotonic() + 120
+    while stopped_epoch() < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the point wrote no checkpoint in 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    first = json.loads(stdout.strip().splitlines()[-1])["points"][0]
+    assert first["status"] == "KILLED", first
+    reached = stopped_epoch()
+    assert 2 <= reached < epochs
+
+    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming run" in again.stderr
+    point = json.loads(again.stdout.strip().splitlines()[-1])["points"][0]
+    assert point["status"] == "FINISHED"
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(point["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tinytale.sweep"] == "stopped"
+    # One run for the point, every epoch logged once across the two processes.
+    children = client.search_runs([run.info.experiment_id], "tags.`tinytale.sweep` = 'stopped'")
+    assert [r.info.run_id for r in children] == [point["run_id"]]
+    steps = [m.step for m in client.get_metric_history(point["run_id"], "val_loss")]
+    assert sorted(steps) == list(range(1, epochs + 1))
 
 
 def test_bad_sweep_file_exits_2(tmp_path):

@@ -19,6 +19,8 @@ own process, nested under the sweep's parent run and tagged `tinytale.sweep` (th
 `tinytale.overrides` (JSON of the point's overrides); its run is named after its overrides,
 e.g. `dropout=0.2,weight_decay=0.1`. A point already FINISHED in the sweep (same overrides)
 is skipped unless `rerun`; a failing point is recorded as a FAILED run and the sweep goes on.
+A point that was stopped before it finished (SIGTERM to the sweep, a crash) resumes from its
+newest checkpoint into the same MLflow run the next time the sweep runs, unless `rerun`.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ from typing import Any
 
 import yaml
 
+from tinytale.checkpoint import find_resumable, peek_checkpoint
 from tinytale.config import Config, ConfigError, load_config
 from tinytale.errors import UserError
 
 SWEEP_KEYS = ("name", "base", "experiment", "set", "grid", "points")
 RESERVED_KEYS = {"tracking.run_name", "tracking.experiment"}  # the sweep sets these itself
 MAX_EXIT_FAILED = 125  # exit codes 126-255 mean "cannot execute" and signals to shells
+_ATTEMPT = "\n==== "  # starts each attempt's part of a point's log
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -399,19 +403,27 @@ def run_sweep(
                                                    tags, str(exc))
             echo(f"{label}: FAILED ({exc})")
             return result
+        # A point stopped earlier (signal, crash) goes on from its checkpoint, in its own run.
+        resume_from = None if rerun else find_resumable(out / spec.name / point.run_name)
+        resumed_id = peek_checkpoint(resume_from).get("run_id") if resume_from else None
         cmd = [sys.executable, "-m", "tinytale", "train", str(spec.base),
                *(arg for s in spec.set_args(point) for arg in ("--set", s)),
                "--run-name", point.run_name, "--experiment", exp_name,
-               "--out", str(out / spec.name), "--tracking-uri", uri, "--json", *extra_args]
+               "--out", str(out / spec.name), "--tracking-uri", uri, "--json",
+               *(["--resume", str(resume_from)] if resume_from else []), *extra_args]
         env = {**os.environ, "TINYTALE_PARENT_RUN_ID": parent_id,
                "TINYTALE_RUN_TAGS": json.dumps(tags), "MLFLOW_TRACKING_URI": uri}
         if parallel > 1:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 env.setdefault(var, str(threads_each))
         log_path = log_dir / f"{point.run_name}.log"
-        echo(f"{label}: started (log: {log_path})")
+        echo(f"{label}: " + (f"resuming run {resumed_id} from {resume_from}"
+                             if resume_from else "started") + f" (log: {log_path})")
         start = time.monotonic()
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab") as log:  # appended: an earlier, stopped attempt stays
+            log.write(f"{_ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')} "
+                      f"{' '.join(cmd[1:])}\n".encode())
+            log.flush()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
             procs.add(proc)
             try:
@@ -430,8 +442,8 @@ def run_sweep(
                             f"{out / spec.name / point.run_name}" if killed
                             else _error_of(log_path, proc.returncode))
             result.run_id = _record_failure(mr, uri, exp_name, spec.name, parent_id,
-                                            known_ids, keys[i], point.run_name, tags,
-                                            result.error, result.status)
+                                            known_ids - {resumed_id}, keys[i], point.run_name,
+                                            tags, result.error, result.status)
         best = (f", best val_loss {result.best_val_loss:.4f} at epoch {result.best_epoch}"
                 if result.best_val_loss is not None else "")
         echo(f"{label}: {result.status} in {seconds:.1f}s{best}"
@@ -481,9 +493,12 @@ def _last_json(stdout: str) -> dict[str, Any]:
 def _error_of(log_path: Path, returncode: int) -> str:
     """The `error: ...` line the failed process printed, else the end of its log."""
     try:
-        lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        text = log_path.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        lines = []
+        text = ""
+    # Only this attempt's part: the log keeps earlier attempts above a "==== " line.
+    _, header, part = text.rpartition(_ATTEMPT)
+    lines = part.strip().splitlines()[1 if header else 0:]
     for line in reversed(lines):
         if line.startswith("error:"):
             return line.removeprefix("error:").strip()
