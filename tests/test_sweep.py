@@ -15,9 +15,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tinytale.checkpoint import peek_checkpoint
+from tinytale.checkpoint import peek_checkpoint, save_checkpoint
 from tinytale.cli import app
-from tinytale.config import load_config, parse_override
+from tinytale.config import Config, load_config, parse_override
 from tinytale.errors import UserError
 from tinytale.sweep import (
     MAX_EXIT_FAILED,
@@ -29,6 +29,7 @@ from tinytale.sweep import (
     overrides_key,
     point_run_name,
     resolved_overrides,
+    resumable_point,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +179,20 @@ def test_error_of_reads_only_the_latest_attempt(tmp_path):
     assert _error_of(tmp_path / "missing.log", 1) == "exit code 1: no output"
 
 
+def test_resumable_point_needs_an_unfinished_checkpoint_of_the_same_config(tmp_path):
+    point_dir = tmp_path / "dropout=0.1"
+    assert resumable_point(point_dir, "abc") == (None, None, None)
+    config = Config()
+    last = save_checkpoint({"model": {}, "config": config.to_dict(), "run_id": "r1",
+                            "finished": False}, point_dir / "20260101-000000" / "last.pt")
+    assert resumable_point(point_dir, config.hash()) == (last, "r1", None)
+    path, run_id, why = resumable_point(point_dir, "another-hash")
+    assert (path, run_id) == (None, None) and why.startswith(f"not resuming {last}")
+    save_checkpoint({"model": {}, "config": config.to_dict(), "run_id": "r1",
+                     "finished": True}, last)
+    assert resumable_point(point_dir, config.hash()) == (None, None, None)
+
+
 def test_shipped_sweep_and_study_files_are_valid():
     for path in sorted((REPO / "experiments").glob("sweep_*.yaml")):
         spec = load_sweep(path)
@@ -242,6 +257,17 @@ def test_tiny_sweep_end_to_end(mlflow_server, tmp_path, tiny_overrides, monkeypa
     assert [p["status"] for p in again["points"]] == ["SKIPPED", "SKIPPED", "FAILED"]
     assert again["parent_run_id"] == result["parent_run_id"]
     assert again["points"][0]["run_id"] == result["points"][0]["run_id"]
+
+    # An edited base file changes every point's config: finished points run again.
+    base.write_text("tracking:\n  experiment: sweep-e2e\n  register: false\n"
+                    "train:\n  seed: 7\n")
+    third = runner.invoke(app, args)
+    assert third.exit_code == 1, third.output
+    rerun = json.loads(third.stdout.strip().splitlines()[-1])
+    assert [p["status"] for p in rerun["points"]] == ["FINISHED", "FINISHED", "FAILED"]
+    assert rerun["points"][0]["run_id"] != result["points"][0]["run_id"]
+    assert "with another config" in third.stderr
+    base.write_text("tracking:\n  experiment: sweep-e2e\n  register: false\n")
 
     # Compare the sweep: the finished points have curves, the failed ones none.
     out = tmp_path / "tiny.png"

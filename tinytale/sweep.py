@@ -21,6 +21,8 @@ e.g. `dropout=0.2,weight_decay=0.1`. A point already FINISHED in the sweep (same
 is skipped unless `rerun`; a failing point is recorded as a FAILED run and the sweep goes on.
 A point that was stopped before it finished (SIGTERM to the sweep, a crash) resumes from its
 newest checkpoint into the same MLflow run the next time the sweep runs, unless `rerun`.
+Both rules hold only while the point's config is unchanged (its `config_hash` tag): after an
+edit to the base file or `set`, the point runs again from scratch.
 """
 
 from __future__ import annotations
@@ -310,6 +312,35 @@ class SweepResult:
         }
 
 
+def point_config_hash(spec: SweepSpec, point: SweepPoint, experiment: str) -> str | None:
+    """The `config_hash` tag the point's run gets (None when its config is invalid)."""
+    try:
+        return load_config(spec.base, [*spec.set_args(point), f"tracking.experiment={experiment}",
+                                       f"tracking.run_name={point.run_name}"]).hash()
+    except ConfigError:
+        return None
+
+
+def resumable_point(point_dir: Path, config_hash: str | None
+                    ) -> tuple[Path | None, str | None, str | None]:
+    """(checkpoint, its run id, None) to resume a point stopped earlier (signal, crash).
+
+    (None, None, None) when there is none; (None, None, why) when there is one but it was
+    trained with another config, so the point must start afresh.
+    """
+    path = find_resumable(point_dir)
+    if path is None:
+        return None, None, None
+    state = peek_checkpoint(path)
+    try:
+        same = Config.from_dict(state.get("config")).hash() == config_hash
+    except ConfigError:
+        same = False
+    if not same:
+        return None, None, f"not resuming {path}: it was trained with another config"
+    return path, state.get("run_id"), None
+
+
 def sweep_experiment(spec: SweepSpec, override: str | None = None) -> str:
     return override or spec.experiment or load_config(spec.base).tracking.experiment
 
@@ -357,6 +388,8 @@ def run_sweep(
     exp_name = sweep_experiment(spec, experiment)
     resolved = [resolved_overrides(spec, p) for p in spec.points]
     keys = [overrides_key(r) for r in resolved]
+    # What each point's run would be now; an edited base file or `set` changes it.
+    hashes = [point_config_hash(spec, p, exp_name) for p in spec.points]
 
     before = mr.sweep_point_runs(uri, exp_name, spec.name)
     finished = {}
@@ -375,6 +408,11 @@ def run_sweep(
     todo = []
     for i, (point, key) in enumerate(zip(spec.points, keys, strict=True)):
         done = finished.get(key)
+        if done is not None and done.tags.get("config_hash") not in (None, hashes[i]):
+            echo(f"[{i + 1}/{total}] {point.run_name}: finished in run {done.run_id} with "
+                 "another config (the base file or the sweep's set changed); running it "
+                 "again")
+            done = None
         if done is not None and not rerun:
             results[i] = PointResult(
                 i + 1, point.run_name, resolved[i], "SKIPPED", done.run_id,
@@ -403,9 +441,12 @@ def run_sweep(
                                                    tags, str(exc))
             echo(f"{label}: FAILED ({exc})")
             return result
-        # A point stopped earlier (signal, crash) goes on from its checkpoint, in its own run.
-        resume_from = None if rerun else find_resumable(out / spec.name / point.run_name)
-        resumed_id = peek_checkpoint(resume_from).get("run_id") if resume_from else None
+        resume_from, resumed_id = None, None
+        if not rerun:
+            resume_from, resumed_id, why_not = resumable_point(out / spec.name / point.run_name,
+                                                               hashes[i])
+            if why_not:
+                echo(f"{label}: {why_not}")
         cmd = [sys.executable, "-m", "tinytale", "train", str(spec.base),
                *(arg for s in spec.set_args(point) for arg in ("--set", s)),
                "--run-name", point.run_name, "--experiment", exp_name,
