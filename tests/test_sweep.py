@@ -23,7 +23,6 @@ from tinytale.sweep import (
     MAX_EXIT_FAILED,
     PointResult,
     SweepResult,
-    _error_of,
     expand_grid,
     load_sweep,
     overrides_key,
@@ -31,6 +30,7 @@ from tinytale.sweep import (
     resolved_overrides,
     resumable_point,
 )
+from tinytale.sweep.runner import _error_of
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
