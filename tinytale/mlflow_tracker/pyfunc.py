@@ -1,0 +1,213 @@
+"""The best checkpoint as an MLflow pyfunc model (models-from-code), logged and registered."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import math
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_STATE
+
+from tinytale.mlflow_tracker.spool import Spool
+
+CHAMPION = "champion"
+MODEL_NAME = "model"
+
+PYFUNC_CODE = '''\
+"""tinytale GPT as an MLflow pyfunc model (models-from-code; written by tinytale)."""
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+DEFAULTS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": -1}
+
+
+def _prompts(model_input):
+    """A list of prompts from a list, a string, a Series, an array or a DataFrame."""
+    if isinstance(model_input, str):
+        return [model_input]
+    columns = getattr(model_input, "columns", None)
+    if columns is not None:  # a DataFrame: the prompt column, else the first one
+        column = "prompt" if "prompt" in columns else columns[0]
+        return ["" if v is None else str(v) for v in model_input[column].tolist()]
+    if hasattr(model_input, "tolist"):
+        model_input = model_input.tolist()
+    prompts = []
+    for item in model_input:
+        if isinstance(item, dict):
+            item = item.get("prompt", "")
+        elif isinstance(item, (list, tuple)):
+            item = item[0] if item else ""
+        prompts.append("" if item is None else str(item))
+    return prompts
+
+
+class TinytaleModel(PythonModel):
+    def load_context(self, context):
+        from tinytale.run import load_model
+
+        self.model, self.tokenizer, _ = load_model(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        from tinytale.run import complete
+
+        p = {**DEFAULTS, **(params or {})}
+        seed = int(p["seed"])
+        out = []
+        for i, prompt in enumerate(_prompts(model_input)):
+            out.extend(complete(
+                self.model, self.tokenizer, prompt, int(p["max_new_tokens"]),
+                float(p["temperature"]), int(p["top_k"]), float(p["top_p"]),
+                seed=None if seed < 0 else seed + i,
+            ))
+        return out
+
+
+mlflow.models.set_model(TinytaleModel())
+'''
+
+
+def _signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        # One unnamed string column: a list of prompts and a DataFrame with a `prompt`
+        # column both pass MLflow's schema enforcement.
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", 100),
+            ParamSpec("temperature", "double", 0.8),
+            ParamSpec("top_k", "long", 0),
+            ParamSpec("top_p", "double", 1.0),
+            ParamSpec("seed", "long", -1),
+        ]),
+    )
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for dist in ("torch", "numpy", "pyyaml", "tokenizers", "pandas"):
+        try:
+            version = importlib.metadata.version(dist).split("+")[0]
+            reqs.append(f"{dist}=={version}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def _package_copy(dest: Path) -> Path:
+    """The tinytale sources (no caches) to ship with the model as code_paths."""
+    import tinytale
+
+    src = Path(tinytale.__file__).parent
+    target = dest / "tinytale"
+    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
+def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id: str | None,
+                     rec: dict[str, Any], spool: Spool | None = None) -> dict[str, Any]:
+    """Log the best checkpoint as a pyfunc model; register it and move `champion` if better.
+
+    Idempotent per spool record: a replay finds the version a lost ack already created.
+    """
+    from mlflow.models import Model
+
+    summary = rec.get("summary", {})
+    name = rec["registered_model"]
+    key = f"{rec['local_id']}:{rec['seq']}"
+    checkpoint = Path(rec["checkpoint"])
+    best_val_loss = summary.get("best_val_loss")
+    best_epoch = summary.get("best_epoch")
+    result: dict[str, Any] = {"registered_model": name if rec["register"] else None}
+
+    model_uri = model_id = None
+    if experiment_id:
+        found = client.search_logged_models(
+            [experiment_id], filter_string=f"tags.tinytale_spool_key = '{key}'", max_results=1)
+        if found:
+            model_id = found[0].model_id
+            model_uri = f"models:/{model_id}"
+    if model_uri is None:
+        if not checkpoint.is_file():
+            raise MlflowException(f"checkpoint {checkpoint} is gone; cannot log the model",
+                                  error_code=INVALID_STATE)
+        mlflow.set_tracking_uri(uri)
+        with tempfile.TemporaryDirectory(prefix="tinytale-model-") as tmp:
+            code_file = Path(tmp) / "tinytale_pyfunc.py"
+            code_file.write_text(PYFUNC_CODE, encoding="utf-8")
+            package = _package_copy(Path(tmp))
+            with warnings.catch_warnings():  # "no input example": on purpose, it costs a load
+                warnings.simplefilter("ignore")
+                info = Model.log(
+                    artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
+                    python_model=str(code_file), artifacts={"checkpoint": str(checkpoint)},
+                    code_paths=[str(package)], pip_requirements=_requirements(),
+                    signature=_signature(), step=int(best_epoch or 0),
+                    tags={"tinytale_spool_key": key, "best_epoch": str(best_epoch),
+                          "best_val_loss": str(best_val_loss)},
+                    model_type="tinytale-gpt",
+                )
+        model_uri, model_id = info.model_uri, info.model_id
+    client.set_tag(run_id, "tinytale.model_id", model_id)
+    result.update(model_uri=model_uri, model_id=model_id)
+    if not rec["register"]:
+        return _record_registration(spool, result, uri)
+
+    version = None
+    for mv in client.search_model_versions(f"run_id = '{run_id}'"):
+        if mv.name == name and mv.tags.get("tinytale_spool_key") == key:
+            version = mv
+            break
+    if version is None:
+        tags = {"run_id": run_id, "best_epoch": str(best_epoch),
+                "best_val_loss": str(best_val_loss), "tinytale_spool_key": key}
+        for k in ("config_hash", "experiment"):
+            if summary.get(k):
+                tags[k] = str(summary[k])
+        with contextlib.suppress(MlflowException):
+            client.create_registered_model(
+                name, description="tinytale GPT trained on fairy tales; alias 'champion' is "
+                                  "the version with the lowest validation loss.")
+        version = client.create_model_version(name, source=model_uri, run_id=run_id,
+                                              tags=tags, model_id=model_id)
+    result.update(registered_version=str(version.version), champion=False)
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+        champ_loss = _float(champ.tags.get("best_val_loss"))
+        champion_version = str(champ.version)
+    except MlflowException:
+        champ_loss, champion_version = math.inf, None
+    loss = _float(best_val_loss)
+    if champion_version == str(version.version) or champion_version is None or loss < champ_loss:
+        client.set_registered_model_alias(name, CHAMPION, str(version.version))
+        result["champion"] = True
+    client.set_tag(run_id, "tinytale.registered_version", str(version.version))
+    client.set_tag(run_id, "tinytale.registered_model", name)
+    return _record_registration(spool, result, uri)
+
+
+def _record_registration(spool: Spool | None, result: dict[str, Any],
+                         uri: str) -> dict[str, Any]:
+    if spool is not None:
+        spool.append({"op": "registered", **result, "uri": uri}, data=False)
+    return result
+
+
+def _float(x: Any) -> float:
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return math.inf
+    return value if math.isfinite(value) else math.inf

@@ -1,0 +1,256 @@
+"""MlflowTracker: the Tracker the training loop calls; it spools and replays in the background."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tinytale.errors import UserError
+from tinytale.mlflow_tracker.replay import Replayer, Unreachable
+from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool, _public
+from tinytale.mlflow_tracker.system_metrics import _system_monitor
+from tinytale.mlflow_tracker.uris import resolve_tracking_uri
+from tinytale.tracking import RunInfo, Tracker
+
+log = logging.getLogger("tinytale.mlflow")
+
+
+def flush_interval_s() -> float:
+    """Seconds between background sends (TINYTALE_TRACKING_FLUSH_S, default 5)."""
+    return float(os.environ.get("TINYTALE_TRACKING_FLUSH_S", "5"))
+
+
+def finish_wait_s() -> float:
+    """How long finish() waits for an unreachable server (TINYTALE_TRACKING_WAIT_S, 30)."""
+    return float(os.environ.get("TINYTALE_TRACKING_WAIT_S", "30"))
+
+
+class MlflowTracker(Tracker):
+    """Tracker that spools locally and replays to MLflow on a background thread."""
+
+    def __init__(self, config: Any, tracking_uri: str | None = None):
+        self.config = config
+        self.uri = resolve_tracking_uri(tracking_uri)
+        self.spool: Spool | None = None
+        self.replayer: Replayer | None = None
+        self.local_id: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._monitor: Any = None
+        self._best: tuple[float, int] = (math.inf, 0)
+        self._last_epoch = 0
+        self._warned = False
+        self._nonfinite = 0
+        self._tmpdir: str | None = None
+
+    @property
+    def run_id(self) -> str | None:  # type: ignore[override]
+        # Live: a run created after an outage gets its id from the replayer later on, and
+        # checkpoints written after that carry it (so `--resume RUN_ID` finds them).
+        return self.replayer.run_id if self.replayer else None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self, info: RunInfo) -> str | None:
+        local_dir = info.local_dir
+        if local_dir is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="tinytale-spool-")
+            local_dir = Path(self._tmpdir)
+        self.spool = Spool(Path(local_dir) / SPOOL_NAME)
+        self.replayer = Replayer(self.spool, self.uri)
+        opened = self.spool.first("open")
+        now = _now_ms()
+        if opened is None:
+            self.local_id = uuid.uuid4().hex
+            tags = {**info.tags, "mlflow.user": _user(), "mlflow.source.name": "tinytale",
+                    "mlflow.source.type": "LOCAL"}
+            if info.tags.get("git_commit"):
+                tags["mlflow.source.git.commit"] = info.tags["git_commit"]
+            self.spool.append({
+                "op": "open", "ts": now, "experiment": info.experiment,
+                "run_name": info.run_name, "tags": tags, "local_id": self.local_id,
+                "parent_run_id": info.parent_run_id, "resume_run_id": info.resume_run_id,
+                "tracking_uri": self.uri,
+            })
+            self.spool.append({"op": "params", "params": info.params})
+            if info.config_yaml:
+                self.spool.append({"op": "text", "name": "config.yaml",
+                                   "text": info.config_yaml})
+        else:
+            self.local_id = opened["local_id"]
+            self.spool.append({"op": "reopen", "ts": now})
+            self._restore_progress()
+        try:
+            self.replayer.push()
+        except Unreachable as exc:
+            self._warn_offline(str(exc))
+        except UserError:
+            raise
+        if self.config.tracking.system_metrics:
+            try:
+                self._monitor = _system_monitor(
+                    self._log_system, float(os.environ.get(
+                        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")),
+                    self._next_system_step(), self.uri)
+                self._monitor.start()
+            except Exception as exc:  # psutil missing, odd platform: not worth failing for
+                log.warning("system metrics are off: %s", exc)
+                self._monitor = None
+        self._thread = threading.Thread(target=self._background, name="tinytale-mlflow",
+                                        daemon=True)
+        self._thread.start()
+        return self.run_id
+
+    def _restore_progress(self) -> None:
+        """Best val loss and last epoch so far, from the metrics an earlier process spooled."""
+        for rec in self.spool.records:
+            if rec.get("op") == "m" and "val_loss" in rec["metrics"]:
+                self._note_epoch(rec["metrics"], rec["step"])
+
+    def _next_system_step(self) -> int:
+        steps = [r["step"] for r in self.spool.records
+                 if r.get("op") == "m" and any(k.startswith("system/") for k in r["metrics"])]
+        return max(steps) + 1 if steps else 0
+
+    def _background(self) -> None:
+        interval = flush_interval_s()
+        delay = interval
+        while not self._stop.wait(delay):
+            try:
+                self.replayer.push(include_models=False)
+                delay = interval
+            except Unreachable as exc:
+                self._warn_offline(str(exc))
+                delay = min(interval, 2.0)
+            except Exception as exc:  # never let the logger thread die silently
+                log.warning("MLflow logging error: %s", exc)
+                delay = interval
+
+    def _warn_offline(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"warning: cannot log to MLflow at {self.uri} ({why[:200]}); training "
+                  f"goes on and everything is kept in {self.spool.path}, to be sent when the "
+                  "server is back (or by `tinytale sync`).", file=sys.stderr, flush=True)
+
+    # -- the loop's calls: append only ------------------------------------------------
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.spool.append({"op": "m", "step": int(step), "ts": _now_ms(),
+                           "metrics": {k: float(v) for k, v in metrics.items()}})
+        if "val_loss" in metrics:
+            self._note_epoch(metrics, step)
+
+    def _note_epoch(self, metrics: dict[str, float], step: int) -> None:
+        self._last_epoch = max(self._last_epoch, int(step))
+        val = float(metrics["val_loss"])
+        if math.isfinite(val) and val < self._best[0]:
+            self._best = (val, int(step))
+
+    def _log_system(self, metrics: dict[str, float], step: int) -> None:
+        if self.spool is not None:
+            self.spool.append({"op": "m", "step": int(step), "ts": _now_ms(),
+                               "metrics": {k: float(v) for k, v in metrics.items()}})
+
+    def on_event(self, name: str, detail: dict[str, Any]) -> None:
+        tags = {f"tinytale.event.{name}": json.dumps(detail, default=str)}
+        if name == "nonfinite":
+            self._nonfinite += 1
+            tags["tinytale.nonfinite_steps"] = str(self._nonfinite)
+        self.spool.append({"op": "tags", "tags": tags})
+
+    def log_text(self, name: str, text: str) -> None:
+        self.spool.append({"op": "text", "name": name, "text": text})
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def log_best_model(self, checkpoint: Path, summary: dict[str, Any]) -> dict[str, Any]:
+        tracking = self.config.tracking
+        safe_summary = {k: v for k, v in summary.items()
+                        if isinstance(v, str | int | float | bool | type(None))}
+        safe_summary["config_hash"] = self.config.hash()
+        safe_summary["experiment"] = tracking.experiment
+        if summary.get("best_val_loss") is not None:
+            self._best = (float(summary["best_val_loss"]), int(summary["best_epoch"] or 0))
+        rec = self.spool.append({
+            "op": "model", "checkpoint": str(Path(checkpoint).resolve()),
+            "summary": safe_summary, "register": bool(tracking.register),
+            "registered_model": tracking.registered_model, "local_id": self.local_id,
+        })
+        t0 = time.perf_counter()
+        try:
+            self.replayer.push()
+        except Unreachable as exc:
+            self._warn_offline(str(exc))
+        out: dict[str, Any] = {"tracking_uri": self.uri}
+        if self.replayer.run_id:
+            out["run_id"] = self.replayer.run_id
+        if self.replayer.acked >= rec["seq"] and self.replayer.registered:
+            out.update(_public(self.replayer.registered))
+            out["registration_time_s"] = round(time.perf_counter() - t0, 3)
+        else:
+            out.update(registered_model=tracking.registered_model if tracking.register
+                       else None, registered_version=None, registration="pending",
+                       spool=str(self.spool.path))
+        return out
+
+    def finish(self, status: str) -> None:
+        if self.spool is None:
+            return
+        if self._monitor is not None:
+            self._monitor.finish()
+        best, best_epoch = self._best
+        final = {"epochs": float(self._last_epoch)}
+        if math.isfinite(best):
+            final.update(best_val_loss=best, best_epoch=float(best_epoch))
+        self.spool.append({"op": "m", "step": self._last_epoch, "ts": _now_ms(),
+                           "metrics": final})
+        self.spool.append({"op": "tags", "tags": {"tinytale.epochs": str(self._last_epoch)}})
+        self.spool.append({"op": "end", "status": status, "ts": _now_ms()})
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        deadline = time.monotonic() + finish_wait_s()
+        while True:
+            try:
+                if self.replayer.push():
+                    break
+            except Unreachable as exc:
+                self._warn_offline(str(exc))
+            except Exception as exc:  # the run is over: keep the spool, never crash here
+                print(f"warning: MLflow logging failed ({str(exc)[:300]}); the spool "
+                      f"{self.spool.path} keeps everything for `tinytale sync`.",
+                      file=sys.stderr, flush=True)
+                break
+            if time.monotonic() >= deadline:
+                print(f"warning: MLflow at {self.uri} is still unreachable; "
+                      f"{len(self.replayer.pending())} spooled records wait in "
+                      f"{self.spool.path}; send them with `tinytale sync "
+                      f"{self.spool.path.parent}`.", file=sys.stderr, flush=True)
+                break
+            time.sleep(1.0)
+        self.spool.close()
+        if self._tmpdir and not self.replayer.pending():
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
