@@ -51,6 +51,8 @@ def test_flat_and_hash():
         (["train.min_lr=1"], r"train.min_lr=1.0 is out of range"),
         (["train.lr"], r"not of the form section.key=value"),
         (["train.compile=maybe"], r"train.compile='maybe' is not valid"),
+        (["tracking.registered_model=it's mine"],
+         r"tracking.registered_model=\"it's mine\" is not a usable model name"),
     ],
 )
 def test_bad_values_name_field_and_fix(overrides, message):

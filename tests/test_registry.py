@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -69,6 +71,43 @@ def test_champion_moves_only_on_improvement(registry):
     assert registry["champion_after_b"] == "1"
     champion = registry["client"].get_model_version_by_alias(registry["name"], "champion")
     assert str(champion.version) == "3"
+
+
+def test_champion_is_the_best_version_after_concurrent_registrations(mlflow_server):
+    """Ten runs register at once: `champion` ends on the lowest loss, whatever the order.
+
+    A plain read-compare-set left it on a worse version in 7 or 8 of 8 such trials here.
+    """
+    from tinytale.mlflow_tracker.pyfunc import promote_champion
+
+    client = MlflowClient(mlflow_server.url)
+    for trial in range(3):
+        name = f"race-{uuid.uuid4().hex[:8]}"
+        client.create_registered_model(name)
+        run = client.create_run(client.create_experiment(name))
+        losses = random.Random(trial).sample(range(100, 1000), 10)
+        barrier = threading.Barrier(len(losses))
+        errors: list[BaseException] = []
+
+        def register(loss: int, name: str = name, run_id: str = run.info.run_id,
+                     barrier: threading.Barrier = barrier, errors: list = errors) -> None:
+            try:
+                own = MlflowClient(mlflow_server.url)
+                barrier.wait()
+                own.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id,
+                                         tags={"best_val_loss": str(loss / 1000)})
+                promote_champion(own, name)
+            except BaseException as exc:  # reported below, not lost in the thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=register, args=(loss,)) for loss in losses]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert float(champion.tags["best_val_loss"]) == min(losses) / 1000
 
 
 def test_registered_checkpoint_is_the_best_not_the_last(registry, tmp_path):

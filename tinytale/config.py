@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,6 +161,9 @@ class TrainConfig:
             _positive("train.peak_tflops", self.peak_tflops)
 
 
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 @dataclass
 class TrackingConfig:
     experiment: str = _doc("MLflow experiment name", default="tinytale")
@@ -179,6 +183,12 @@ class TrackingConfig:
             raise ConfigError("tracking.experiment is empty; give an experiment name.")
         if not self.registered_model.strip():
             raise ConfigError("tracking.registered_model is empty; give a model name.")
+        if not _MODEL_NAME.match(self.registered_model):
+            # It goes into registry search filters and models:/NAME@ALIAS URIs.
+            raise ConfigError(
+                f"tracking.registered_model={self.registered_model!r} is not a usable model "
+                "name; use letters, digits, '_', '.' and '-' (e.g. tinytale-fairy)."
+            )
         _non_negative("tracking.log_every_steps", self.log_every_steps)
         _non_negative("tracking.samples", self.samples)
 

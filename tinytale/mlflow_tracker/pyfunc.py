@@ -182,20 +182,43 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
                                   "the version with the lowest validation loss.")
         version = client.create_model_version(name, source=model_uri, run_id=run_id,
                                               tags=tags, model_id=model_id)
-    result.update(registered_version=str(version.version), champion=False)
-    try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-        champ_loss = _float(champ.tags.get("best_val_loss"))
-        champion_version = str(champ.version)
-    except MlflowException:
-        champ_loss, champion_version = math.inf, None
-    loss = _float(best_val_loss)
-    if champion_version == str(version.version) or champion_version is None or loss < champ_loss:
-        client.set_registered_model_alias(name, CHAMPION, str(version.version))
-        result["champion"] = True
+    champion = promote_champion(client, name)
+    result.update(registered_version=str(version.version),
+                  champion=champion == str(version.version))
     client.set_tag(run_id, "tinytale.registered_version", str(version.version))
     client.set_tag(run_id, "tinytale.registered_model", name)
     return _record_registration(spool, result, uri)
+
+
+def promote_champion(client: MlflowClient, name: str, rounds: int = 20) -> str | None:
+    """Point `champion` at the version with the lowest `best_val_loss`; return that version.
+
+    The registry has no compare-and-set, and two runs may register at once. Reading the
+    versions and the alias again after every write makes the last writer check its own
+    write: whichever process writes last sees every version created before its final read,
+    and a version created after that read is checked by its own registering process.
+    Ties go to the older version, so equal models never move the alias. Two first-ever
+    writes can collide in the store (a unique-constraint error); the loser reads again.
+    """
+    for attempt in range(rounds):
+        versions = client.search_model_versions(f"name = '{name}'")
+        scored = [(_float(v.tags.get("best_val_loss")), int(v.version)) for v in versions]
+        scored = [s for s in scored if math.isfinite(s[0])]
+        if not scored:
+            return None
+        best = str(min(scored)[1])
+        try:
+            current = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException:
+            current = None
+        if current == best:
+            return best
+        try:
+            client.set_registered_model_alias(name, CHAMPION, best)
+        except MlflowException:
+            if attempt == rounds - 1:
+                raise
+    return best
 
 
 def _record_registration(spool: Spool | None, result: dict[str, Any],
