@@ -10,7 +10,9 @@ damaged. Loading uses `weights_only=True`: no pickled code is ever executed.
 from __future__ import annotations
 
 import os
+import queue
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,78 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
             tmp.unlink()
     _fsync_dir(path.parent)
     return path
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of `value` that later training steps cannot change: tensors copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        copy = value.detach()
+        return copy.clone() if copy.device.type == "cpu" else copy.cpu()
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread, in the order they were submitted.
+
+    `submit` copies the state (a few ms; a device-to-host copy on a GPU) and returns, so
+    serialising, fsync and rename overlap the next epoch instead of stalling it. Each write
+    is still atomic (`save_checkpoint`). With `background=False` it writes in the caller's
+    thread: right for CPU training, where the cores are busy and a writer thread only
+    competes with the loop. At most `depth` snapshots wait, so a slow disk
+    slows training down rather than filling memory. A failed write is raised by the next
+    `submit`, `wait` or `close`.
+    """
+
+    def __init__(self, background: bool = True, depth: int = 2):
+        self.background = background
+        self._queue: queue.Queue[tuple[dict[str, Any], Path, bool] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, state: dict[str, Any], path: str | Path, keep_previous: bool = False
+               ) -> Path:
+        self._raise()
+        if not self.background:
+            return save_checkpoint(state, path, keep_previous)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tinytale-checkpoint",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put((_snapshot(state), Path(path), keep_previous))
+        return Path(path)
+
+    def wait(self) -> None:
+        """Block until every submitted checkpoint is on disk."""
+        self._queue.join()
+        self._raise()
+
+    def close(self, raise_errors: bool = True) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if raise_errors:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                if self._error is None:  # after a failure, later (newer) states are dropped
+                    save_checkpoint(*job)
+            except BaseException as exc:  # handed to the training thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",

@@ -20,7 +20,13 @@ import torch
 
 import tinytale
 from tinytale import distributed
-from tinytale.checkpoint import CheckpointError, find_resumable, load_checkpoint, peek_checkpoint
+from tinytale.checkpoint import (
+    LAST,
+    CheckpointError,
+    find_resumable,
+    load_checkpoint,
+    peek_checkpoint,
+)
 from tinytale.config import Config
 from tinytale.corpus import corpus_files, load_corpus, stream_stories
 from tinytale.data import DataBundle, build_data, windows_from_tokens
@@ -165,6 +171,11 @@ def train_run(
     run_name = run_name_of(config)
     resume_path = resolve_resume(resume, out_dir, run_name)
     resume_state = load_checkpoint(resume_path) if resume_path else None
+    if resume_state is not None and "optimizer" not in resume_state:
+        raise CheckpointError(
+            f"--resume '{resume_path}' holds model weights only (a best.pt), not the optimizer "
+            f"and RNG state that resuming needs; resume from '{resume_path.parent / LAST}'."
+        )
     tokenizer = None
     if resume_state is not None:
         # The run continues with the config and tokenizer it started with.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from tinytale.checkpoint import BEST, LAST, capture_rng, restore_rng, save_checkpoint
+from tinytale.checkpoint import BEST, LAST, CheckpointWriter, capture_rng, restore_rng
 from tinytale.config import TrainConfig
 from tinytale.data import DataBundle, eval_loader, train_loader
 from tinytale.distributed import Dist
@@ -184,7 +184,38 @@ def fit(
     dist: Dist | None = None,
     sync_free_guard: bool | None = None,
 ) -> FitResult:
-    """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring."""
+    """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring.
+
+    On an accelerator, checkpoints are written in the background; every one is on disk when
+    fit() returns.
+    """
+    # In the background only where the host CPU is otherwise idle, waiting on an accelerator.
+    writer = CheckpointWriter(background=device.type != "cpu")
+    try:
+        outcome = _fit(model, data, cfg, tracker, run_dir, device, writer, checkpoint_extra,
+                       resume, stop, log_every_steps, dist, sync_free_guard)
+    except BaseException:
+        writer.close(raise_errors=False)  # keep what was submitted; report the first error
+        raise
+    writer.close()
+    return outcome
+
+
+def _fit(
+    model: GPT,
+    data: DataBundle,
+    cfg: TrainConfig,
+    tracker: Tracker,
+    run_dir: Path,
+    device: torch.device,
+    writer: CheckpointWriter,
+    checkpoint_extra: dict[str, Any] | None,
+    resume: dict[str, Any] | None,
+    stop: StopRequest | None,
+    log_every_steps: int,
+    dist: Dist | None,
+    sync_free_guard: bool | None,
+) -> FitResult:
     stop = stop if stop is not None else StopRequest()
     d = dist or Dist()
     extra = checkpoint_extra or {}
@@ -230,21 +261,17 @@ def fit(
     def checkpoint(path: Path, finished: bool = False) -> Path:
         if not d.is_main:
             return path
-        return save_checkpoint(
-            {
-                **extra,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "train_state": asdict(state),
-                "rng": capture_rng(),
-                "finished": finished,
-                "run_id": tracker.run_id,
-            },
-            path,
-            keep_previous=path.name == LAST,
-        )
+        state_dict = {**extra, "model": model.state_dict(), "train_state": asdict(state),
+                      "finished": finished, "run_id": tracker.run_id}
+        if path.name == LAST:
+            # What resuming needs besides the weights. best.pt is for inference and the
+            # registry, so it leaves out the AdamW moments: a third of the size to write,
+            # upload and serve.
+            state_dict.update(optimizer=optimizer.state_dict(), rng=capture_rng())
+        return writer.submit(state_dict, path, keep_previous=path.name == LAST)
 
     def result(status: str, reason: str = "", early: bool = False) -> FitResult:
+        writer.wait()  # the result names files: they must exist
         return FitResult(status, state, best_path if best_exists else None,
                          last_path if last_path.exists() else None, reason, early)
 
