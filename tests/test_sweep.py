@@ -267,6 +267,11 @@ def test_tiny_sweep_end_to_end(mlflow_server, tmp_path, tiny_overrides, monkeypa
     assert [p["status"] for p in rerun["points"]] == ["FINISHED", "FINISHED", "FAILED"]
     assert rerun["points"][0]["run_id"] != result["points"][0]["run_id"]
     assert "with another config" in third.stderr
+    # ... once: the new runs now stand for those points.
+    fourth = runner.invoke(app, args)
+    skipped = json.loads(fourth.stdout.strip().splitlines()[-1])
+    assert [p["status"] for p in skipped["points"]] == ["SKIPPED", "SKIPPED", "FAILED"]
+    assert skipped["points"][0]["run_id"] == rerun["points"][0]["run_id"]
     base.write_text("tracking:\n  experiment: sweep-e2e\n  register: false\n")
 
     # Compare the sweep: the finished points have curves, the failed ones none.

@@ -156,10 +156,10 @@ def run_sweep(
     hashes = [point_config_hash(spec, p, exp_name) for p in spec.points]
 
     before = mr.sweep_point_runs(uri, exp_name, spec.name)
-    finished = {}
+    finished: dict[str, list[Any]] = {}  # overrides key -> its finished runs, oldest first
     for run in before:
         if run.status == "FINISHED" and run.overrides is not None:
-            finished.setdefault(overrides_key(run.overrides), run)
+            finished.setdefault(overrides_key(run.overrides), []).append(run)
     parent_id = mr.start_sweep_parent(uri, exp_name, spec.name, {
         "sweep.base": str(spec.base), "sweep.points": len(spec.points),
         "sweep.grid_keys": ",".join(dict.fromkeys(k for p in spec.points for k in p.overrides)),
@@ -171,12 +171,15 @@ def run_sweep(
     results: list[PointResult | None] = [None] * total
     todo = []
     for i, (point, key) in enumerate(zip(spec.points, keys, strict=True)):
-        done = finished.get(key)
-        if done is not None and done.tags.get("config_hash") not in (None, hashes[i]):
-            echo(f"[{i + 1}/{total}] {point.run_name}: finished in run {done.run_id} with "
+        # The newest finished run with the point's current config (runs from before the
+        # config_hash tag count as current).
+        runs = finished.get(key, [])
+        same = [r for r in runs if r.tags.get("config_hash") in (None, hashes[i])]
+        done = same[-1] if same else None
+        if done is None and runs:
+            echo(f"[{i + 1}/{total}] {point.run_name}: finished in run {runs[-1].run_id} with "
                  "another config (the base file or the sweep's set changed); running it "
                  "again")
-            done = None
         if done is not None and not rerun:
             results[i] = PointResult(
                 i + 1, point.run_name, resolved[i], "SKIPPED", done.run_id,
