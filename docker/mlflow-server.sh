@@ -29,9 +29,10 @@
 #   TINYTALE_MLFLOW_ADMIN_PASSWORD or TINYTALE_MLFLOW_ADMIN_PASSWORD_FILE (a file holding it,
 #                                  e.g. a compose secret): required with auth, at least 12
 #                                  characters, not MLflow's old default. It creates the admin
-#                                  user on the first start only (the user database lives in
-#                                  $TINYTALE_MLFLOW_HOME/db/basic_auth.db); later starts check
-#                                  nothing against it, so rotate it through MLflow's API.
+#                                  user on the first start (the user database lives in
+#                                  $TINYTALE_MLFLOW_HOME/db/basic_auth.db); later starts refuse
+#                                  a password that does not match it. To rotate it, change it
+#                                  through MLflow's API, then here.
 #   TINYTALE_MLFLOW_DEFAULT_PERMISSION  what authenticated users may do with others' resources:
 #                                  READ (default), EDIT, MANAGE or NO_PERMISSIONS
 #   TINYTALE_MLFLOW_SECRET_KEY(_FILE)   Flask secret for the auth app's CSRF tokens; by default
@@ -160,6 +161,36 @@ args=(
     --allowed-hosts "$allowed_hosts"
 )
 [ -z "$cors" ] || args+=(--cors-allowed-origins "$cors")
+
+if [ "$auth" = 1 ] && [ -f "$home/db/basic_auth.db" ]; then
+    # MLflow sets the admin password only when it creates the user database; a different one
+    # later would be ignored, and trainers holding it would fail with 401 mid-run. Check it.
+    mlflow_python=$(dirname -- "$(command -v mlflow)")/python
+    [ -x "$mlflow_python" ] || mlflow_python=python3
+    rc=0
+    check=$(TINYTALE_CHECK_PASSWORD=$admin_password "$mlflow_python" - \
+        "$home/db/basic_auth.db" "$admin_user" 2>&1 <<'PY'
+import os
+import sys
+
+from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+store = SqlAlchemyStore()
+store.init_db(f"sqlite:///{sys.argv[1]}")
+user, password = sys.argv[2], os.environ["TINYTALE_CHECK_PASSWORD"]
+# A user not in the database yet is created with this password when the server starts.
+sys.exit(0 if not store.has_user(user) or store.authenticate_user(user, password) else 3)
+PY
+    ) || rc=$?
+    case $rc in
+        0) ;;
+        3) die "the admin password is not the one admin user '$admin_user' has in \
+$home/db/basic_auth.db (MLflow keeps the password the database was created with); use that \
+one, or change it with MLflow's AuthServiceClient.update_user_password first" ;;
+        *) die "cannot check the admin password against $home/db/basic_auth.db (exit $rc: \
+$(printf '%s' "$check" | tail -n 1))" ;;
+    esac
+fi
 
 if [ "$auth" = 1 ]; then
     umask 077

@@ -453,6 +453,35 @@ def test_the_script_refuses_to_start_without_a_safe_password(
     assert not (tmp_path / "mlflow").exists(), "a refused start must not create the store"
 
 
+def test_a_restart_with_another_admin_password_is_refused(authed: Shipped) -> None:
+    """MLflow keeps the password its user database was created with: a changed secret must
+    stop the start with one sentence, not turn into 401s in every trainer later."""
+    assert (authed.home / "mlflow" / "db" / "basic_auth.db").exists()
+    wrong = _script_env(authed.home, free_port(), TINYTALE_MLFLOW_AUTH="1",
+                        TINYTALE_MLFLOW_ADMIN_PASSWORD=f"rotated-{secrets.token_hex(8)}")
+    done = subprocess.run(["bash", str(SCRIPT)], env=wrong, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("mlflow-server: ERROR: the admin password is not the one")
+    assert done.stderr.count("\n") == 1
+
+    # The right password passes the check and the server starts.
+    right = _script_env(authed.home, free_port(), TINYTALE_MLFLOW_AUTH="1",
+                        TINYTALE_MLFLOW_ADMIN_PASSWORD=authed.password)
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env=right, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                break
+        assert any(line.startswith("mlflow-server: serving") for line in lines), lines
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 def test_the_password_file_is_read(tmp_path: Path) -> None:
     """A secret file (compose `secrets:`) works like the variable; both at once are refused."""
     secret = tmp_path / "pw"
