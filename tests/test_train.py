@@ -28,11 +28,13 @@ def setup(overrides: list[str]):
 
 
 def run_fit(tmp: Path, overrides: list[str], tracker: Tracker | None = None,
-            resume: dict | None = None, stop: StopRequest | None = None):
+            resume: dict | None = None, stop: StopRequest | None = None,
+            background: bool | None = None):
     cfg, data, model = setup(overrides)
     extra = {"config": cfg.to_dict(), "tokenizer": data.tokenizer.to_dict()}
     return fit(model, data, cfg.train, tracker or Tracker(), tmp, torch.device("cpu"),
-               checkpoint_extra=extra, resume=resume, stop=stop), model
+               checkpoint_extra=extra, resume=resume, stop=stop,
+               background_checkpoints=background), model
 
 
 def test_lesson_loss_falls_from_guessing(tmp_path):
@@ -86,17 +88,21 @@ class StopAt(Tracker):
             self.stop.request("SIGTERM")
 
 
-def test_stop_mid_epoch_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["cpu-writes", "gpu-style-writer"])
+def test_stop_mid_epoch_then_resume_is_bit_identical(tmp_path, background):
+    """Also with checkpoints written by the background thread, as on a GPU."""
     overrides = ["train.epochs=3", "model.dropout=0.2"]
     straight, _ = run_fit(tmp_path / "straight", overrides)
 
     stop = StopRequest()
-    first, _ = run_fit(tmp_path / "cut", overrides, tracker=StopAt(stop, 2, 5), stop=stop)
+    first, _ = run_fit(tmp_path / "cut", overrides, tracker=StopAt(stop, 2, 5), stop=stop,
+                       background=background)
     assert first.status == "KILLED"
     saved = load_checkpoint(tmp_path / "cut" / LAST)
     assert saved["train_state"]["epoch"] == 2 and saved["train_state"]["batch"] == 5
-    resumed, _ = run_fit(tmp_path / "cut", overrides, resume=saved)
+    resumed, _ = run_fit(tmp_path / "cut", overrides, resume=saved, background=background)
     assert resumed.status == "FINISHED"
+    assert load_checkpoint(resumed.last_checkpoint)["finished"]  # on disk when fit() returned
     assert [h["epoch"] for h in resumed.state.history] == [1, 2, 3]
     for a, b in zip(straight.state.history, resumed.state.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]

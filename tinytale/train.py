@@ -183,11 +183,13 @@ def fit(
     log_every_steps: int = 0,
     dist: Dist | None = None,
     sync_free_guard: bool | None = None,
+    background_checkpoints: bool | None = None,
 ) -> FitResult:
     """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring.
 
     On an accelerator, checkpoints are written in the background; every one is on disk when
-    fit() returns or raises.
+    fit() returns or raises. `sync_free_guard` and `background_checkpoints` default to what
+    the device calls for; tests set them to run the GPU choices on a CPU.
     """
     stop = stop if stop is not None else StopRequest()
     d = dist or Dist()
@@ -230,7 +232,9 @@ def fit(
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     best_path, last_path = run_dir / BEST, run_dir / LAST
     # In the background only where the host CPU is otherwise idle, waiting on an accelerator.
-    writer = CheckpointWriter(background=device.type != "cpu")
+    if background_checkpoints is None:
+        background_checkpoints = device.type != "cpu"
+    writer = CheckpointWriter(background=background_checkpoints)
     best_exists = best_path.exists() and resume is not None
 
     def checkpoint(path: Path, finished: bool = False) -> Path:
