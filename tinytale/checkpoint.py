@@ -5,6 +5,7 @@ temporary file in the same folder, fsynced, then renamed over the target, so a c
 any moment leaves either the old or the new file, never half of one. `last.pt` keeps its
 predecessor as `last.prev.pt`, so `--resume auto` has a fallback if the newest one is
 damaged. Loading uses `weights_only=True`: no pickled code is ever executed.
+`CheckpointWriter` does the same writes on a background thread for GPU training.
 """
 
 from __future__ import annotations
@@ -79,11 +80,10 @@ class CheckpointWriter:
 
     `submit` copies the state (a few ms; a device-to-host copy on a GPU) and returns, so
     serialising, fsync and rename overlap the next epoch instead of stalling it. Each write
-    is still atomic (`save_checkpoint`). With `background=False` it writes in the caller's
-    thread: right for CPU training, where the cores are busy and a writer thread only
-    competes with the loop. At most `depth` snapshots wait, so a slow disk
-    slows training down rather than filling memory. A failed write is raised by the next
-    `submit`, `wait` or `close`.
+    is still atomic (`save_checkpoint`). At most `depth` snapshots wait, so a slow disk slows
+    training down rather than filling memory. A failed write is raised by the next `submit`,
+    `wait` or `close`. With `background=False` it writes in the caller's thread: right for
+    CPU training, where the cores are busy and a writer thread only competes with the loop.
     """
 
     def __init__(self, background: bool = True, depth: int = 2):
