@@ -11,9 +11,9 @@ damaged. Loading uses `weights_only=True`: no pickled code is ever executed.
 from __future__ import annotations
 
 import os
-import queue
 import random
-import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,58 +80,42 @@ class CheckpointWriter:
 
     `submit` copies the state (a few ms; a device-to-host copy on a GPU) and returns, so
     serialising, fsync and rename overlap the next epoch instead of stalling it. Each write
-    is still atomic (`save_checkpoint`). At most `depth` snapshots wait, so a slow disk slows
-    training down rather than filling memory. A failed write is raised by the next `submit`,
-    `wait` or `close`. With `background=False` it writes in the caller's thread: right for
-    CPU training, where the cores are busy and a writer thread only competes with the loop.
+    is still atomic (`save_checkpoint`). At most `depth` writes are pending, so a slow disk
+    slows training down rather than filling memory. A failed write is raised by the next
+    `submit`, `wait` or `close`. Writes already submitted finish even if training raises:
+    the pool's thread is joined when the interpreter exits. With `background=False` it
+    writes in the caller's thread: right for CPU training, where the cores are busy and a
+    writer thread only competes with the loop.
     """
 
     def __init__(self, background: bool = True, depth: int = 2):
-        self.background = background
-        self._queue: queue.Queue[tuple[dict[str, Any], Path, bool] | None] = queue.Queue(depth)
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self.depth = depth
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="tinytale-checkpoint")
+                      if background else None)
+        self._pending: deque[Future[Path]] = deque()
 
     def submit(self, state: dict[str, Any], path: str | Path, keep_previous: bool = False
                ) -> Path:
-        self._raise()
-        if not self.background:
+        # Collect finished writes (raising a failure), and wait while too many are pending.
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self.depth):
+            self._pending.popleft().result()
+        if self._pool is None:
             return save_checkpoint(state, path, keep_previous)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tinytale-checkpoint",
-                                            daemon=True)
-            self._thread.start()
-        self._queue.put((_snapshot(state), Path(path), keep_previous))
+        self._pending.append(self._pool.submit(save_checkpoint, _snapshot(state), Path(path),
+                                               keep_previous))
         return Path(path)
 
     def wait(self) -> None:
         """Block until every submitted checkpoint is on disk."""
-        self._queue.join()
-        self._raise()
+        while self._pending:
+            self._pending.popleft().result()
 
-    def close(self, raise_errors: bool = True) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        if raise_errors:
-            self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            try:
-                if self._error is None:  # after a failure, later (newer) states are dropped
-                    save_checkpoint(*job)
-            except BaseException as exc:  # handed to the training thread
-                self._error = exc
-            finally:
-                self._queue.task_done()
-        self._queue.task_done()
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",

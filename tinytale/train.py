@@ -188,8 +188,9 @@ def fit(
     """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring.
 
     On an accelerator, checkpoints are written in the background; every one is on disk when
-    fit() returns or raises. `sync_free_guard` and `background_checkpoints` default to what
-    the device calls for; tests set them to run the GPU choices on a CPU.
+    fit() returns, and finishes writing even if it raises. `sync_free_guard` and
+    `background_checkpoints` default to what the device calls for; tests set them to run the
+    GPU choices on a CPU.
     """
     stop = stop if stop is not None else StopRequest()
     d = dist or Dist()
@@ -254,149 +255,145 @@ def fit(
         return FitResult(status, state, best_path if best_exists else None,
                          last_path if last_path.exists() else None, reason, early)
 
-    try:
-        model.train()
-        while state.epoch <= cfg.epochs:
-            epoch = state.epoch
-            t_start = time.perf_counter() - state.epoch_elapsed_s
-            loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
-            grad_norm_sum = torch.tensor(state.epoch_grad_norm_sum, device=device)
-            step_loss = torch.zeros((), device=device)
-            bad_steps = torch.tensor(state.epoch_bad_steps, device=device)
-            first_bad = torch.tensor(state.first_bad_step, device=device)
-            loader = train_loader(data.train, cfg.batch_size, cfg.seed, epoch, start=state.batch,
-                                  pin_memory=device.type == "cuda", rank=d.rank, world=d.world_size)
-            for x, y in loader:
-                if state.batch >= micro_per_epoch:
-                    break  # leftover micro-batches that cannot fill an optimizer step
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # Gradients are all-reduced only on the last micro-batch of a step.
-                last_micro = (state.batch + 1) % accum == 0
-                sync = contextlib.nullcontext() if last_micro or not d.enabled else \
-                    step_model.no_sync()
-                with sync:
-                    with autocast_for(device):
-                        _, loss = step_model(x, y)
-                    (loss / accum).backward()
-                step_loss += loss.detach()
-                state.batch += 1
-                tracker.on_progress(epoch, state.batch, micro_per_epoch)
-                if state.batch % accum:
-                    continue
-                state.step += 1
-                lr = lr_at(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                if guard_on_device:
-                    # No host sync: the fused AdamW kernel skips the whole update when found_inf
-                    # is 1, and the host reads the count of skipped steps at the end of the epoch.
-                    bad = ~torch.isfinite(grad_norm)
-                    optimizer.found_inf = bad.float()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    zero = torch.zeros((), device=device)
-                    loss_sum += torch.where(bad, zero, step_loss)
-                    grad_norm_sum += torch.where(bad, zero, grad_norm.detach().float())
-                    bad_steps += bad
-                    first_bad = torch.where(bad & (first_bad == 0), state.step, first_bad)
-                # Otherwise one host sync per step (free on a CPU): never let NaN/inf reach weights.
-                elif not torch.isfinite(grad_norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    step_loss.zero_()
-                    state.skipped_steps += 1
-                    tracker.on_event("nonfinite", {
-                        "epoch": epoch, "step": state.step, "action": cfg.nonfinite,
-                        "reason": f"non-finite gradient norm ({float(grad_norm)})"})
-                    if cfg.nonfinite == "fail" or state.skipped_steps > cfg.max_skipped_steps:
-                        return result("FAILED", f"non-finite loss or gradient at step "
-                                                 f"{state.step} (epoch {epoch}); lower train.lr "
-                                                 "or set train.nonfinite=skip")
-                    continue
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum += step_loss
-                    grad_norm_sum += grad_norm.detach()
-                state.epoch_steps += 1
-                if state.first_step_loss is None:  # one host sync, once per run
-                    state.first_step_loss = float(step_loss) / accum
-                if log_every_steps and state.step % log_every_steps == 0:
-                    tracker.log_metrics({"train_loss_step": float(step_loss) / accum,
-                                         "lr_step": lr}, state.step)
+    model.train()
+    while state.epoch <= cfg.epochs:
+        epoch = state.epoch
+        t_start = time.perf_counter() - state.epoch_elapsed_s
+        loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
+        grad_norm_sum = torch.tensor(state.epoch_grad_norm_sum, device=device)
+        step_loss = torch.zeros((), device=device)
+        bad_steps = torch.tensor(state.epoch_bad_steps, device=device)
+        first_bad = torch.tensor(state.first_bad_step, device=device)
+        loader = train_loader(data.train, cfg.batch_size, cfg.seed, epoch, start=state.batch,
+                              pin_memory=device.type == "cuda", rank=d.rank, world=d.world_size)
+        for x, y in loader:
+            if state.batch >= micro_per_epoch:
+                break  # leftover micro-batches that cannot fill an optimizer step
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # Gradients are all-reduced only on the last micro-batch of a step.
+            last_micro = (state.batch + 1) % accum == 0
+            sync = contextlib.nullcontext() if last_micro or not d.enabled else \
+                step_model.no_sync()
+            with sync:
+                with autocast_for(device):
+                    _, loss = step_model(x, y)
+                (loss / accum).backward()
+            step_loss += loss.detach()
+            state.batch += 1
+            tracker.on_progress(epoch, state.batch, micro_per_epoch)
+            if state.batch % accum:
+                continue
+            state.step += 1
+            lr = lr_at(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if guard_on_device:
+                # No host sync: the fused AdamW kernel skips the whole update when found_inf
+                # is 1, and the host reads the count of skipped steps at the end of the epoch.
+                bad = ~torch.isfinite(grad_norm)
+                optimizer.found_inf = bad.float()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                zero = torch.zeros((), device=device)
+                loss_sum += torch.where(bad, zero, step_loss)
+                grad_norm_sum += torch.where(bad, zero, grad_norm.detach().float())
+                bad_steps += bad
+                first_bad = torch.where(bad & (first_bad == 0), state.step, first_bad)
+            # Otherwise one host sync per step (free on a CPU): never let NaN/inf reach weights.
+            elif not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
                 step_loss.zero_()
-                stopping = d.any(bool(stop), device) if d.enabled else bool(stop)
-                if stopping or (cfg.checkpoint_every_steps
-                            and state.step % cfg.checkpoint_every_steps == 0):
-                    state.epoch_loss_sum = float(loss_sum)
-                    state.epoch_grad_norm_sum = float(grad_norm_sum)
-                    state.epoch_bad_steps, state.first_bad_step = int(bad_steps), int(first_bad)
-                    state.epoch_elapsed_s = time.perf_counter() - t_start
-                    checkpoint(last_path)
-                    if stopping:
-                        return result("KILLED", f"stopped by {stop.reason or 'another rank'}")
-
-            if guard_on_device and int(bad_steps):
-                n_bad = int(bad_steps)
-                state.skipped_steps += n_bad
-                state.epoch_steps -= n_bad
+                state.skipped_steps += 1
                 tracker.on_event("nonfinite", {
-                    "epoch": epoch, "step": int(first_bad), "action": cfg.nonfinite,
-                    "reason": f"non-finite gradient norm in {n_bad} step(s) of this epoch, "
-                              f"first at step {int(first_bad)}; those updates were skipped"})
+                    "epoch": epoch, "step": state.step, "action": cfg.nonfinite,
+                    "reason": f"non-finite gradient norm ({float(grad_norm)})"})
                 if cfg.nonfinite == "fail" or state.skipped_steps > cfg.max_skipped_steps:
-                    return result("FAILED", f"non-finite loss or gradient at step {int(first_bad)} "
-                                             f"(epoch {epoch}); lower train.lr or set "
-                                             "train.nonfinite=skip")
-            loss_sum = d.mean(loss_sum)
-            train_loss = float(loss_sum) / max(1, state.epoch_steps * accum)
-            train_elapsed = time.perf_counter() - t_start
-            val_loss = evaluate(model, data, eval_bs, device)
-            epoch_time = time.perf_counter() - t_start
-            lr_now = lr_at(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
-            metrics = {
-                "train_loss": train_loss,
-                "train_perplexity": _safe_exp(train_loss),
-                "val_loss": val_loss,
-                "val_perplexity": _safe_exp(val_loss),
-                "generalization_gap": val_loss - train_loss,
-                "lr": lr_now,
-                "grad_norm": float(grad_norm_sum) / max(1, state.epoch_steps),
-                "tokens_per_sec": micro_per_epoch * tokens_per_micro / max(train_elapsed, 1e-9),
-                "epoch_time_s": epoch_time,
-            }
-            if peak:
-                metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / peak
-            state.history.append({"epoch": epoch, **metrics})
-            state.train_time_s += epoch_time
-            improved = val_loss < state.best_val_loss
-            if improved:
-                state.best_val_loss, state.best_epoch, state.epochs_since_best = val_loss, epoch, 0
+                    return result("FAILED", f"non-finite loss or gradient at step "
+                                             f"{state.step} (epoch {epoch}); lower train.lr "
+                                             "or set train.nonfinite=skip")
+                continue
             else:
-                state.epochs_since_best += 1
-            tracker.log_metrics(metrics, epoch)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += step_loss
+                grad_norm_sum += grad_norm.detach()
+            state.epoch_steps += 1
+            if state.first_step_loss is None:  # one host sync, once per run
+                state.first_step_loss = float(step_loss) / accum
+            if log_every_steps and state.step % log_every_steps == 0:
+                tracker.log_metrics({"train_loss_step": float(step_loss) / accum,
+                                     "lr_step": lr}, state.step)
+            step_loss.zero_()
+            stopping = d.any(bool(stop), device) if d.enabled else bool(stop)
+            if stopping or (cfg.checkpoint_every_steps
+                        and state.step % cfg.checkpoint_every_steps == 0):
+                state.epoch_loss_sum = float(loss_sum)
+                state.epoch_grad_norm_sum = float(grad_norm_sum)
+                state.epoch_bad_steps, state.first_bad_step = int(bad_steps), int(first_bad)
+                state.epoch_elapsed_s = time.perf_counter() - t_start
+                checkpoint(last_path)
+                if stopping:
+                    return result("KILLED", f"stopped by {stop.reason or 'another rank'}")
 
-            # Advance to the next epoch before saving, so last.pt resumes at its start.
-            state.epoch += 1
-            state.batch = 0
-            state.epoch_loss_sum = state.epoch_grad_norm_sum = state.epoch_elapsed_s = 0.0
-            state.epoch_steps = state.epoch_bad_steps = state.first_bad_step = 0
-            early = bool(cfg.patience) and state.epochs_since_best >= cfg.patience
-            finished = early or state.epoch > cfg.epochs
-            checkpoint(last_path, finished=finished)
-            if improved:
-                checkpoint(best_path, finished=finished)
-                best_exists = True
-            if early:
-                tracker.on_event("early_stop", {"epoch": epoch, "best_epoch": state.best_epoch,
-                                                "patience": cfg.patience})
-                return result("FINISHED", early=True)
-            if d.any(bool(stop), device) if d.enabled else stop:
-                return result("KILLED", f"stopped by {stop.reason or 'another rank'}")
-        return result("FINISHED")
-    except BaseException:
-        writer.close(raise_errors=False)  # keep what was submitted; report the first error
-        raise
+        if guard_on_device and int(bad_steps):
+            n_bad = int(bad_steps)
+            state.skipped_steps += n_bad
+            state.epoch_steps -= n_bad
+            tracker.on_event("nonfinite", {
+                "epoch": epoch, "step": int(first_bad), "action": cfg.nonfinite,
+                "reason": f"non-finite gradient norm in {n_bad} step(s) of this epoch, "
+                          f"first at step {int(first_bad)}; those updates were skipped"})
+            if cfg.nonfinite == "fail" or state.skipped_steps > cfg.max_skipped_steps:
+                return result("FAILED", f"non-finite loss or gradient at step {int(first_bad)} "
+                                         f"(epoch {epoch}); lower train.lr or set "
+                                         "train.nonfinite=skip")
+        loss_sum = d.mean(loss_sum)
+        train_loss = float(loss_sum) / max(1, state.epoch_steps * accum)
+        train_elapsed = time.perf_counter() - t_start
+        val_loss = evaluate(model, data, eval_bs, device)
+        epoch_time = time.perf_counter() - t_start
+        lr_now = lr_at(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
+        metrics = {
+            "train_loss": train_loss,
+            "train_perplexity": _safe_exp(train_loss),
+            "val_loss": val_loss,
+            "val_perplexity": _safe_exp(val_loss),
+            "generalization_gap": val_loss - train_loss,
+            "lr": lr_now,
+            "grad_norm": float(grad_norm_sum) / max(1, state.epoch_steps),
+            "tokens_per_sec": micro_per_epoch * tokens_per_micro / max(train_elapsed, 1e-9),
+            "epoch_time_s": epoch_time,
+        }
+        if peak:
+            metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / peak
+        state.history.append({"epoch": epoch, **metrics})
+        state.train_time_s += epoch_time
+        improved = val_loss < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_epoch, state.epochs_since_best = val_loss, epoch, 0
+        else:
+            state.epochs_since_best += 1
+        tracker.log_metrics(metrics, epoch)
+
+        # Advance to the next epoch before saving, so last.pt resumes at its start.
+        state.epoch += 1
+        state.batch = 0
+        state.epoch_loss_sum = state.epoch_grad_norm_sum = state.epoch_elapsed_s = 0.0
+        state.epoch_steps = state.epoch_bad_steps = state.first_bad_step = 0
+        early = bool(cfg.patience) and state.epochs_since_best >= cfg.patience
+        finished = early or state.epoch > cfg.epochs
+        checkpoint(last_path, finished=finished)
+        if improved:
+            checkpoint(best_path, finished=finished)
+            best_exists = True
+        if early:
+            tracker.on_event("early_stop", {"epoch": epoch, "best_epoch": state.best_epoch,
+                                            "patience": cfg.patience})
+            return result("FINISHED", early=True)
+        if d.any(bool(stop), device) if d.enabled else stop:
+            return result("KILLED", f"stopped by {stop.reason or 'another rank'}")
+    return result("FINISHED")
 
 
 def _safe_exp(x: float) -> float:
