@@ -45,10 +45,7 @@ def content_hash(files: Sequence[Path]) -> str:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
     digest = h.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(memo.name + f".tmp-{os.getpid()}")
-    tmp.write_text(digest)
-    os.replace(tmp, memo)
+    _write_atomic(memo, digest)
     return digest
 
 
@@ -61,11 +58,16 @@ def cached_tokenizer(corpus_key: str, kind: str, bpe_vocab_size: int,
     if path.exists():
         return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
     tokenizer = train_tokenizer(kind, stories(), bpe_vocab_size)
+    _write_atomic(path, json.dumps(tokenizer.to_dict()))
+    return tokenizer
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: concurrent readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(tokenizer.to_dict()), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-    return tokenizer
 
 
 def in_validation(index: int, seed: int, val_fraction: float) -> bool:
