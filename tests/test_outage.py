@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -117,9 +118,14 @@ def test_server_down_at_start_then_sync(mlflow_server, tmp_path, monkeypatch):
 
 
 def test_server_restarted_mid_run(fresh_mlflow_server, tmp_path):
-    """Stop the server after epoch 1 reached it, restart it later: nothing lost or doubled."""
+    """Stop the server after epoch 1 reached it, restart it later: nothing lost or doubled.
+
+    The trainer is frozen (SIGSTOP) while the server shuts down, so the epochs after the
+    outage began are known to exist however fast this machine trains: without it a quick
+    run finished most of its epochs during the server's own graceful shutdown.
+    """
     server = fresh_mlflow_server
-    epochs = 10
+    epochs = 20
     env = {**os.environ, "TINYTALE_TRACKING_FLUSH_S": "0.3", "TINYTALE_TRACKING_WAIT_S": "120"}
     env.pop("MLFLOW_TRACKING_URI", None)
     tinytale = Path(sys.executable).with_name("tinytale")
@@ -128,6 +134,11 @@ def test_server_restarted_mid_run(fresh_mlflow_server, tmp_path):
          "--set", "tracking.system_metrics=false", "--tracking-uri", server.url,
          "--out", str(tmp_path / "runs"), "--json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def epoch_records(spool: Path) -> list[dict]:
+        return [r for r in spool_records(spool)
+                if r.get("op") == "m" and "val_loss" in r["metrics"]]
+
     try:
         spool = None
         deadline = time.monotonic() + 120
@@ -140,22 +151,23 @@ def test_server_restarted_mid_run(fresh_mlflow_server, tmp_path):
                 spool = found[0]
                 recs = spool_records(spool)
                 acked = max((r["upto"] for r in recs if r.get("op") == "ack"), default=0)
-                epoch_seqs = [r["seq"] for r in recs
-                              if r.get("op") == "m" and "val_loss" in r["metrics"]]
+                epoch_seqs = [r["seq"] for r in epoch_records(spool)]
                 if epoch_seqs and acked >= epoch_seqs[0]:
                     break
             time.sleep(0.05)
-        server.stop()
-        down_since = time.time() * 1000
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            before_outage = len(epoch_records(spool))
+            assert before_outage + 2 <= epochs, "the run all but finished before the outage"
+            server.stop()
+        finally:
+            proc.send_signal(signal.SIGCONT)
         # Training goes on while the server is away: more epochs are spooled.
-        while True:
-            recs = spool_records(spool)
-            spooled = [r for r in recs if r.get("op") == "m" and "val_loss" in r["metrics"]
-                       and r["ts"] > down_since]
-            if len(spooled) >= 2 or proc.poll() is not None:
-                break
+        deadline = time.monotonic() + 120
+        while len(epoch_records(spool)) < before_outage + 2:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "training stopped while the server was down"
             time.sleep(0.1)
-        assert len(spooled) >= 2, "training stopped while the server was down"
         server.start()
         out, err = proc.communicate(timeout=300)
     finally:
