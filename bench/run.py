@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,22 @@ def docker_bench() -> dict:
     return {"section": "docker", "compose_up_to_registered_s": round(seconds, 1)}
 
 
+def previous_results(path: Path) -> list[dict]:
+    """The figures already in the results file (each with its date), or none."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    date = None
+    if isinstance(old, dict):  # {"measured": {"date": ...}, "results": [...]}
+        date = (old.get("measured") or {}).get("date")
+        old = old.get("results", [])
+    if not isinstance(old, list):
+        return []
+    return [{"measured_on": date, **r} if date and "measured_on" not in r else r
+            for r in old if isinstance(r, dict) and "section" in r]
+
+
 def main() -> None:
     sections = ["lesson", "baby-gpt", "cpu-speed", "tracking", "compare", "data-scale", "docker"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,10 +159,18 @@ def main() -> None:
     for section in chosen:
         print(f"== {section}", file=sys.stderr)
         try:
-            results.append(run_section(section, args))
+            result = run_section(section, args)
         except Exception as exc:  # one broken section must not lose the others' figures
-            results.append({"section": section, "error": str(exc)[-500:]})
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+            result = {"section": section, "error": str(exc)[-500:]}
+        results.append({**result, "measured_on": time.strftime("%Y-%m-%d")})
+    # Sections not run this time keep their last figures in the file.
+    fresh = {r["section"] for r in results}
+    kept = [r for r in previous_results(args.out) if r.get("section") not in fresh]
+    # In section order; an extra section kept from by-hand runs ("data-scale-1gb") by its stem.
+    merged = sorted(kept + results, key=lambda r: next(
+        (i for i, name in enumerate(sections) if r["section"].startswith(name)), len(sections)))
+    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
+    args.out.write_text(json.dumps({"machine": machine, "results": merged}, indent=2) + "\n")
     for r in results:
         figures = ", ".join(f"{k}={v}" for k, v in r.items() if k != "section")
         print(f"{r['section']:>11}: {figures}")
