@@ -5,6 +5,8 @@ embedded SQLite default: params, tags, one value per epoch per metric, artifacts
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -176,12 +178,36 @@ def test_embedded_default_store(tiny_overrides, tmp_path, monkeypatch):
     assert exp.name == "tinytale"
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert exp.artifact_location == (tmp_path / "mlartifacts").resolve().as_uri()
-    assert steps_of(client, run.info.run_id, "val_loss") == [1, 2]
+    assert run.data.params["model.n_embd"] == "16" and run.data.params["train.epochs"] == "2"
+    for key in EPOCH_METRICS:
+        assert steps_of(client, run.info.run_id, key) == [1, 2], key
     assert {"config.yaml", "samples.txt"} <= {a.path for a in client.list_artifacts(
         run.info.run_id)}
     champion = client.get_model_version_by_alias("tinytale", "champion")
     assert str(champion.version) == summary["registered_version"]
-    assert (tmp_path / "mlartifacts").is_dir()
+    assert champion.tags["run_id"] == run.info.run_id
+    assert champion.tags["best_epoch"] == str(summary["best_epoch"])
+    # The logged model lives with its run: its experiment, under ./mlartifacts, no ./mlruns.
+    logged = client.get_logged_model(summary["model_id"])
+    assert logged.experiment_id == run.info.experiment_id
+    assert logged.artifact_location.startswith((tmp_path / "mlartifacts").resolve().as_uri())
+    assert not (tmp_path / "mlruns").exists()
+
+    # A worse run (one epoch) gets version 2; champion stays on version 1.
+    worse = train([*sets(tiny_overrides), "--set", "train.epochs=1", "--out", "runs"],
+                  env={"MLFLOW_TRACKING_URI": None})
+    assert worse["registered_version"] == "2" and worse["champion"] is False
+    assert client.get_model_version_by_alias("tinytale", "champion").version == \
+        champion.version
+
+    # Any MLflow client in a fresh process loads the champion from the embedded store.
+    code = ("import mlflow, sys; mlflow.set_tracking_uri(sys.argv[1]); "
+            "m = mlflow.pyfunc.load_model('models:/tinytale@champion'); "
+            "print(m.predict(['once upon a time'], params={'max_new_tokens': 4, 'seed': 1})[0])")
+    loaded = subprocess.run([sys.executable, "-c", code, f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.startswith("once upon a time")
     # generate from the registry with no URI: the same embedded store
     result = CliRunner().invoke(app, ["generate", "models:/tinytale@champion", "--prompt",
                                       "once upon a time", "--max-new-tokens", "5",
@@ -191,5 +217,5 @@ def test_embedded_default_store(tiny_overrides, tmp_path, monkeypatch):
     listing = CliRunner().invoke(app, ["runs", "--json"], env={"MLFLOW_TRACKING_URI": None})
     assert listing.exit_code == 0, listing.stderr
     rows = json.loads(listing.stdout)
-    assert rows[0]["run_id"] == summary["run_id"]
-    assert rows[0]["epochs"] == 2 and rows[0]["registered_version"] == "1"
+    first = next(r for r in rows if r["run_id"] == summary["run_id"])
+    assert first["epochs"] == 2 and first["registered_version"] == "1"

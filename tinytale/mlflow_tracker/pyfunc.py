@@ -132,18 +132,27 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
     best_epoch = summary.get("best_epoch")
     result: dict[str, Any] = {"registered_model": name if rec["register"] else None}
 
+    # The run's experiment, always: without an active run, MLflow 3's Model.log files the
+    # model under the Default experiment (id 0), away from the run and its artifact folder.
+    experiment_id = experiment_id or client.get_run(run_id).info.experiment_id
     model_uri = model_id = None
-    if experiment_id:
-        found = client.search_logged_models(
-            [experiment_id], filter_string=f"tags.tinytale_spool_key = '{key}'", max_results=1)
-        if found:
-            model_id = found[0].model_id
-            model_uri = f"models:/{model_id}"
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"tags.tinytale_spool_key = '{key}'", max_results=20)
+    # A model whose upload was cut off stays PENDING or FAILED: log it again.
+    ready = [m for m in found if str(m.status).upper().endswith("READY")]
+    if ready:
+        model_id = ready[0].model_id
+        model_uri = f"models:/{model_id}"
     if model_uri is None:
         if not checkpoint.is_file():
             raise MlflowException(f"checkpoint {checkpoint} is gone; cannot log the model",
                                   error_code=INVALID_STATE)
         mlflow.set_tracking_uri(uri)
+        pending = client.create_logged_model(
+            experiment_id, name=MODEL_NAME, source_run_id=run_id, model_type="tinytale-gpt",
+            tags={"tinytale_spool_key": key, "best_epoch": str(best_epoch),
+                  "best_val_loss": str(best_val_loss)},
+            params=dict(client.get_run(run_id).data.params))
         with tempfile.TemporaryDirectory(prefix="tinytale-model-") as tmp:
             code_file = Path(tmp) / "tinytale_pyfunc.py"
             code_file.write_text(PYFUNC_CODE, encoding="utf-8")
@@ -155,9 +164,7 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
                     python_model=str(code_file), artifacts={"checkpoint": str(checkpoint)},
                     code_paths=[str(package)], pip_requirements=_requirements(),
                     signature=_signature(), step=int(best_epoch or 0),
-                    tags={"tinytale_spool_key": key, "best_epoch": str(best_epoch),
-                          "best_val_loss": str(best_val_loss)},
-                    model_type="tinytale-gpt",
+                    model_id=pending.model_id,
                 )
         model_uri, model_id = info.model_uri, info.model_id
     client.set_tag(run_id, "tinytale.model_id", model_id)
