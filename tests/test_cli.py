@@ -74,3 +74,48 @@ def test_help_explains_every_command():
     train_help = runner.invoke(app, ["train", "--help"]).stdout
     for option in ("--set", "--out", "--resume", "--json", "--tracking-uri", "--no-tracking"):
         assert option in train_help
+    generate_help = runner.invoke(app, ["generate", "--help"]).stdout
+    for option in ("--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
+                   "--seed", "--num-samples"):
+        assert option in generate_help
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-p", "0"], "--top-p 0.0 keeps no token"),
+        (["--device", "bogus"], "--device='bogus' is not a device"),
+    ],
+)
+def test_generate_option_errors(trained, args, message):
+    result = runner.invoke(app, ["generate", trained["checkpoint"], *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_out_that_is_a_file_fails_before_training(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    result = runner.invoke(app, ["train", *FAST, "--out", str(blocker / "runs")])
+    assert result.exit_code == 2, result.output
+    assert "is a file, not a folder" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(3, 1.0), (0, 0.3), (2, 0.5)])
+def test_top_k_and_top_p_sample_only_likely_words(trained, top_k, top_p):
+    """Filtered sampling stays in the vocabulary; with top-k 1 it equals greedy decoding."""
+    result = runner.invoke(app, ["generate", trained["checkpoint"], "--top-k", str(top_k),
+                                 "--top-p", str(top_p), "--seed", "3", "--max-new-tokens", "30"])
+    assert result.exit_code == 0, result.output
+    assert set(result.stdout.split()) <= set(lesson.VOCAB)
+
+
+def test_top_k_1_and_tiny_temperature_are_greedy(trained):
+    base = ["generate", trained["checkpoint"], "--prompt", "once upon a", "--seed", "5",
+            "--max-new-tokens", "30"]
+    greedy = runner.invoke(app, [*base, "--temperature", "0"]).stdout
+    assert runner.invoke(app, [*base, "--top-k", "1"]).stdout == greedy
+    tiny = runner.invoke(app, [*base, "--temperature", "1e-45"])
+    assert tiny.exit_code == 0, tiny.output
+    assert tiny.stdout == greedy

@@ -62,3 +62,17 @@ def test_dropout_is_active_only_in_training():
     model.train()
     with torch.no_grad():
         assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_filter_logits_keeps_the_top_k_and_the_nucleus():
+    import torch
+
+    from tinytale.sample import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda out: torch.isfinite(out[0]).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False]
+    assert kept(filter_logits(logits, top_p=0.79)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_p=0.81)) == [True, True, True, False]
+    assert kept(filter_logits(logits, top_k=1, top_p=0.99)) == [True, False, False, False]

@@ -129,6 +129,7 @@ def train(
     stop = StopRequest()
     with user_errors():
         cfg = load_config(config, overrides)
+        check_out_dir(out)
         # Under torchrun only rank 0 talks to the console and to MLflow.
         rank = int(os.environ.get("RANK", "0"))
         tracker = build_tracker(cfg, tracking_uri, no_tracking or rank != 0, quiet=rank != 0)
@@ -137,7 +138,9 @@ def train(
                                 parent_run_id=os.environ.get("TINYTALE_PARENT_RUN_ID"),
                                 extra_tags=_env_run_tags())
     summary = outcome.summary
-    if json_out:
+    if rank != 0:
+        pass  # under torchrun the summary is rank 0's: other ranks wrote no checkpoint
+    elif json_out:
         typer.echo(json.dumps(summary))
     else:
         typer.echo(_human_summary(summary))
@@ -146,6 +149,19 @@ def train(
     if outcome.fit.status != "FINISHED":
         typer.echo(f"error: run failed: {outcome.fit.reason}", err=True)
         raise typer.Exit(1)
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an --out that cannot become a folder before anything is trained or logged."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"--out '{out}': '{probe}' is a file, not a folder; "
+                        "pass a folder path for checkpoints.")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out '{out}': folder '{probe}' is not writable; "
+                        "pass a folder you can write to.")
 
 
 def _human_summary(summary: dict[str, Any]) -> str:
@@ -187,8 +203,12 @@ def generate(
     from tinytale.train import resolve_device
 
     with user_errors():
+        if top_p <= 0:
+            raise UserError(f"--top-p {top_p} keeps no token to sample from; use a value in "
+                            "(0, 1], e.g. 0.9 (1 keeps them all).")
+        torch_device = resolve_device(device, field="--device")
         checkpoint = resolve_model_source(source, tracking_uri)
-        model, tokenizer, _ = load_model(checkpoint, str(resolve_device(device)))
+        model, tokenizer, _ = load_model(checkpoint, str(torch_device))
         texts = complete(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
                          seed, num_samples)
     for i, text in enumerate(texts):

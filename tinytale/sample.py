@@ -48,6 +48,8 @@ def generate(
         if temperature == 0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
+            # Shift the best logit to 0 first: a tiny temperature then gives -inf, never NaN.
+            logits = logits - logits.max(dim=-1, keepdim=True).values
             logits = filter_logits(logits / temperature, top_k, top_p)
             probs = torch.softmax(logits, dim=-1)
             next_id = torch.multinomial(probs, 1, generator=generator)

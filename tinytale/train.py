@@ -105,17 +105,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
+    """The torch device for `name`; `field` names the setting in error messages."""
+    base = name.split(":")[0]
+    if base not in DEVICES or (base != name and base != "cuda"):
+        raise UserError(f"{field}={name!r} is not a device; use one of {', '.join(DEVICES)} "
+                        "(or cuda:N).")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device='cuda' but no CUDA device is visible; use cpu or auto.")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{field}={name!r} but no CUDA device is visible; use cpu or auto.")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device='mps' but MPS is not available; use cpu or auto.")
+        raise UserError(f"{field}='mps' but MPS is not available; use cpu or auto.")
     return torch.device(name)
 
 
