@@ -62,3 +62,19 @@ def test_foreground_writer_has_written_when_submit_returns(tmp_path):
     writer.submit({"model": {"w": torch.ones(3)}}, tmp_path / "best.pt")
     assert torch.equal(load_checkpoint(tmp_path / "best.pt")["model"]["w"], torch.ones(3))
     writer.close()
+
+
+class _NotData:
+    """Any class: unpickling it needs code, which weights_only refuses."""
+
+
+def test_foreign_pickle_is_refused_without_suggesting_the_unsafe_load(tmp_path):
+    from tinytale.errors import UserError
+
+    path = tmp_path / "foreign.pt"
+    torch.save({"format": 1, "model": _NotData()}, path)
+    with pytest.raises(UserError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and "pickled objects" in message
+    assert "weights_only" not in message and "False" not in message

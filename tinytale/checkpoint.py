@@ -128,6 +128,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, wrong format, unsafe pickle: all user-facing
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if "weights only load failed" in str(exc).lower():
+            # Not torch's hint to retry with weights_only=False: that would run the file's code.
+            reason = "it holds pickled objects beyond tensors and plain data, never loaded"
         raise CheckpointError(
             f"checkpoint '{path}' cannot be loaded ({reason}); it is damaged or not a tinytale "
             "checkpoint, so use another one (e.g. last.prev.pt) or retrain."
