@@ -1,7 +1,7 @@
 """One entry point for tinytale's benchmarks: prints a table and writes bench/results.json.
 
 Every figure is a median of repeated runs or a ratio of two things measured side by side in
-this one invocation, because shared machines are noisy. Sections (default: all but docker):
+this one invocation, because shared machines are noisy. Sections (default: all but docker and gpu):
 
   lesson       `tinytale train` on the lesson: whole-process wall time, tokens/s, peak RSS,
                time to validation loss 0.5
@@ -12,6 +12,8 @@ this one invocation, because shared machines are noisy. Sections (default: all b
   compare      `tinytale compare` on 50 runs x 100 epochs (bench/compare_runs.py)
   data-scale   tokens/s for 1 -> 100 MB corpora (bench/data_scale.py; --big adds 1 GB)
   docker       `docker compose up` from images built to registered model (needs an engine)
+  gpu          GPT-2-small-sized model (experiments/gpt2_small.yaml) on one CUDA device:
+               tokens/s and MFU, torch.compile vs eager (needs a GPU)
 
     python bench/run.py                      # all but docker, a few minutes
     python bench/run.py lesson cpu-speed     # some sections
@@ -100,30 +102,77 @@ def script_bench(name: str, script: str, extra: list[str]) -> dict:
     return {"section": name, **last_json(proc.stdout)}
 
 
-def docker_bench() -> dict:
-    """`docker compose up` with images already built, to a registered model version."""
+def docker_bench(repeats: int) -> dict:
+    """`docker compose up` with images already built, to a registered model version.
+
+    Each repetition starts from nothing (`down -v` after it), so each is a first `up`.
+    """
     project, port = "tinytale-bench", "5099"
     env = {**os.environ, "TINYTALE_MLFLOW_PORT": port}
     compose = ["docker", "compose", "-p", project]
     subprocess.run([*compose, "build"], cwd=REPO, env=env, check=True, capture_output=True)
-    start = time.perf_counter()
-    try:
-        subprocess.run([*compose, "up", "-d"], cwd=REPO, env=env, check=True,
-                       capture_output=True)
-        url = (f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/get"
-               "?name=tinytale")
-        while time.perf_counter() - start < 600:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if json.load(r).get("registered_model", {}).get("latest_versions"):
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
-        seconds = time.perf_counter() - start
-    finally:
-        subprocess.run([*compose, "down", "-v"], cwd=REPO, env=env, capture_output=True)
-    return {"section": "docker", "compose_up_to_registered_s": round(seconds, 1)}
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/get?name=tinytale"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        try:
+            subprocess.run([*compose, "up", "-d"], cwd=REPO, env=env, check=True,
+                           capture_output=True)
+            while True:
+                if time.perf_counter() - start > 600:
+                    raise RuntimeError("no registered model version within 600 s of `up`")
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        if json.load(r).get("registered_model", {}).get("latest_versions"):
+                            break
+                except OSError:
+                    pass
+                time.sleep(1)
+            times.append(time.perf_counter() - start)
+        finally:
+            subprocess.run([*compose, "down", "-v"], cwd=REPO, env=env, capture_output=True)
+    return {"section": "docker", "repeats": repeats,
+            "compose_up_to_registered_s": round(statistics.median(times), 1),
+            "all_s": [round(t, 1) for t in times]}
+
+
+def gpu_bench(repeats: int) -> dict:
+    """GPT-2-small-sized training on one CUDA device: tokens/s and MFU, compiled vs eager.
+
+    Figures are from the last epoch of each run (the first one includes compiling); the
+    two variants alternate so drift hits both.
+    """
+    probe = subprocess.run([PY, "-c", "import torch; print(torch.cuda.is_available() and "
+                            "torch.cuda.get_device_name(0))"], capture_output=True, text=True)
+    device = probe.stdout.strip()
+    if probe.returncode != 0 or device in ("", "False"):
+        raise RuntimeError("no CUDA device visible; the gpu section needs one")
+    import torch  # the checkpoint holds the per-epoch history
+
+    config = str(REPO / "experiments/gpt2_small.yaml")
+    variants = {"compiled": [], "eager": ["--set", "train.compile=false"]}
+    rows: dict[str, list[tuple[float, float | None]]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            order = list(variants) if i % 2 == 0 else list(reversed(variants))
+            for name in order:
+                proc, _, _ = run_child(
+                    [PY, "-m", "tinytale", "train", config, "--no-tracking", "--json",
+                     "--out", tmp, "--set", "train.epochs=2", *variants[name]], cwd=tmp)
+                if proc.returncode != 0:
+                    raise RuntimeError(proc.stderr[-2000:])
+                run_dir = Path(last_json(proc.stdout)["run_dir"])
+                last = torch.load(run_dir / "last.pt", weights_only=True)
+                epoch = last["train_state"]["history"][-1]
+                rows[name].append((epoch["tokens_per_sec"], epoch.get("mfu")))
+    out: dict = {"section": "gpu", "device": device, "repeats": repeats}
+    for name, values in rows.items():
+        out[f"{name}_tokens_per_sec"] = round(statistics.median(v[0] for v in values))
+        mfus = [v[1] for v in values if v[1] is not None]
+        out[f"{name}_mfu"] = round(statistics.median(mfus), 4) if mfus else None
+    out["compile_speedup"] = round(out["compiled_tokens_per_sec"] / out["eager_tokens_per_sec"],
+                                   3)
+    return out
 
 
 def previous_results(path: Path) -> list[dict]:
@@ -143,10 +192,11 @@ def previous_results(path: Path) -> list[dict]:
 
 
 def main() -> None:
-    sections = ["lesson", "baby-gpt", "cpu-speed", "tracking", "compare", "data-scale", "docker"]
+    sections = ["lesson", "baby-gpt", "cpu-speed", "tracking", "compare", "data-scale", "docker",
+                "gpu"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("only", nargs="*", metavar="SECTION",
-                        help=f"some of: {', '.join(sections)} (default: all but docker)")
+                        help=f"some of: {', '.join(sections)} (default: all but docker and gpu)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--big", action="store_true", help="data-scale up to 1 GB")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -154,7 +204,7 @@ def main() -> None:
     unknown = set(args.only) - set(sections)
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; pick from {sections}")
-    chosen = args.only or [s for s in sections if s != "docker"]
+    chosen = args.only or [s for s in sections if s not in ("docker", "gpu")]
     results: list[dict] = []
     for section in chosen:
         print(f"== {section}", file=sys.stderr)
@@ -163,11 +213,14 @@ def main() -> None:
         except Exception as exc:  # one broken section must not lose the others' figures
             result = {"section": section, "error": str(exc)[-500:]}
         results.append({**result, "measured_on": time.strftime("%Y-%m-%d")})
-    # Sections not run this time keep their last figures in the file.
-    fresh = {r["section"] for r in results}
-    kept = [r for r in previous_results(args.out) if r.get("section") not in fresh]
+    # Sections not run this time, or that failed this time, keep their last figures.
+    fresh = {r["section"] for r in results if "error" not in r}
+    previous = previous_results(args.out)
+    had = {r["section"] for r in previous}
+    kept = [r for r in previous if r["section"] not in fresh]
+    results_to_write = [r for r in results if "error" not in r or r["section"] not in had]
     # In section order; an extra section kept from by-hand runs ("data-scale-1gb") by its stem.
-    merged = sorted(kept + results, key=lambda r: next(
+    merged = sorted(kept + results_to_write, key=lambda r: next(
         (i for i, name in enumerate(sections) if r["section"].startswith(name)), len(sections)))
     machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
     args.out.write_text(json.dumps({"machine": machine, "results": merged}, indent=2) + "\n")
@@ -197,7 +250,9 @@ def run_section(section: str, args: argparse.Namespace) -> dict:
     if section == "data-scale":
         sizes = ["1", "10", "100"] + (["1000"] if args.big else [])
         return script_bench("data-scale", "data_scale.py", ["--sizes-mb", *sizes])
-    return docker_bench()
+    if section == "gpu":
+        return gpu_bench(args.repeats)
+    return docker_bench(args.repeats)
 
 
 if __name__ == "__main__":
