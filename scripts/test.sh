@@ -14,8 +14,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# The CPU wheel first: a bare `pip install .` would pull torch's multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0"
+# The CPU wheel first: a bare `pip install .` would pull torch's multi-GB CUDA build. Online,
+# TINYTALE_TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU build from PyTorch's
+# index; unset, pip's own configuration decides (this project's machines have the CPU wheel).
+.venv/bin/python -m pip install -q ${TINYTALE_TORCH_INDEX:+--index-url "$TINYTALE_TORCH_INDEX"} \
+  "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
 
 if [ "${TINYTALE_DOCKER:-1}" != "0" ]; then
