@@ -68,10 +68,12 @@ def test_sigterm_checkpoints_and_resume_auto_continues(tmp_path):
     stopped = last_state(out)
     assert not stopped["finished"]
 
+    # A value that differs from the run's is not applied, and the log says so.
     resumed = subprocess.run(tinytale("train", *ARGS, "--out", str(out), "--resume", "auto",
-                                      "--set", "train.epochs=12"),
+                                      "--set", "train.epochs=12", "--set", "train.lr=1e-3"),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert "[resume_keeps_run_config] train.lr=0.003 (not 0.001)" in resumed.stderr
     epochs = [h["epoch"] for h in history(out)]
     assert epochs == list(range(1, 13))
     assert len(list(out.rglob("last.pt"))) == 1  # resumed into the same run folder

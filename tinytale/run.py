@@ -177,9 +177,15 @@ def train_run(
             f"and RNG state that resuming needs; resume from '{resume_path.parent / LAST}'."
         )
     tokenizer = None
+    ignored: dict[str, str] = {}
     if resume_state is not None:
-        # The run continues with the config and tokenizer it started with.
+        # The run continues with the config and tokenizer it started with; say which of the
+        # given values (config file, --set) that leaves unused, rather than drop them silently.
+        given = config.flat()
         config = Config.from_dict(resume_state["config"], f"checkpoint '{resume_path}'")
+        kept = config.flat()
+        ignored = {k: f"{kept.get(k)!r} (not {v!r})" for k, v in given.items()
+                   if kept.get(k) != v}
         tokenizer = tokenizer_from_dict(resume_state["tokenizer"])
         run_dir = resume_path.parent
     else:
@@ -202,6 +208,8 @@ def train_run(
         local_dir=run_dir,
     )
     run_id = tracker.start(info)
+    if ignored:
+        tracker.on_event("resume_keeps_run_config", ignored)
     status = "FAILED"
     try:
         result = fit(
