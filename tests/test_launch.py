@@ -1,27 +1,37 @@
-"""`tinytale launch`: the compose commands it builds, the device it picks, the errors it gives.
+"""`tinytale launch` and `tinytale sweep --launch`: the compose commands they build, the device
+they pick, the errors they give.
 
 No Docker engine is needed: the commands are checked as argument lists, and the runs of
-`launch()` use a stand-in `docker` executable on PATH that records its arguments (a real engine
-is exercised by tests/test_docker_e2e.py).
+`launch()` and of launched sweeps use a stand-in `docker` executable on PATH that records its
+arguments (a real engine is exercised by tests/test_docker_e2e.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import TINY
+from typer.testing import CliRunner
 
+from tinytale.cli import app
+from tinytale.errors import UserError
 from tinytale.launch import (
     CONTAINER_CONFIG_DIR,
     LaunchError,
+    Stack,
     check_docker,
     launch,
     launch_commands,
     pick_device,
     resolve_config,
 )
+from tinytale.sweep.containers import ContainerPoints, stack_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = [
@@ -32,6 +42,7 @@ COMPOSE = [
     "--file",
     str(REPO / "compose.yaml"),
 ]
+runner = CliRunner()
 
 
 def test_cpu_run_starts_the_server_then_trains() -> None:
@@ -192,3 +203,176 @@ def test_launch_stops_when_the_server_does_not_start(
 def test_a_project_without_compose_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match="compose.yaml does not exist"):
         launch("x.yaml", "cpu", project_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- sweep --launch
+
+# A stand-in for `docker` that runs `compose run ... trainer train ARGS` as a local
+# `tinytale train` with only what a container would have: compose's environment (the
+# tracking URI `http://mlflow:5000` becomes the test's server), the `--env` options, the
+# mounted config at its host path and /app/runs in a folder of the test. The real containers
+# are exercised by tests/test_docker_e2e.py.
+FAKE_CONTAINER_DOCKER = r'''#!{python}
+import json, os, sys
+
+here = os.path.dirname(os.path.abspath(__file__))
+args = sys.argv[1:]
+with open(os.path.join(here, "calls.jsonl"), "a") as calls:
+    calls.write(json.dumps(args) + "\n")
+if args[:1] == ["info"]:
+    print(os.environ.get("FAKE_DOCKER_RUNTIMES", "{{}}"))
+    sys.exit(0)
+if "run" not in args:
+    sys.exit(0)  # compose version, up --wait mlflow
+rest = args[args.index("run") + 1:]
+env = {{"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+        "PYTHONPATH": os.environ["FAKE_DOCKER_PYTHONPATH"],
+        "MLFLOW_TRACKING_URI": os.environ["FAKE_DOCKER_MLFLOW"],
+        "TINYTALE_OUT": os.environ["FAKE_DOCKER_APP_RUNS"],
+        "TINYTALE_TRACKING_FLUSH_S": "0.5"}}
+mounts = {{}}
+while rest[0].startswith("-"):
+    option = rest.pop(0)
+    if option == "--env":
+        key, _, value = rest.pop(0).partition("=")
+        env[key] = value
+    elif option == "--volume":
+        host, container, _ = rest.pop(0).split(":")
+        mounts[container] = host
+service, command, *train = rest
+assert command == "train", rest
+train = [mounts.get(a, a).replace("/app/runs", os.environ["FAKE_DOCKER_APP_RUNS"])
+         for a in train]
+os.execve(sys.executable, [sys.executable, "-m", "tinytale", "train", *train], env)
+'''
+
+
+def _fake_container_docker(bin_dir: Path) -> Path:
+    bin_dir.mkdir(exist_ok=True)
+    docker = bin_dir / "docker"
+    docker.write_text(FAKE_CONTAINER_DOCKER.format(python=sys.executable))
+    docker.chmod(docker.stat().st_mode | stat.S_IEXEC)
+    return bin_dir / "calls.jsonl"
+
+
+def _calls(path: Path) -> list[list[str]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
+
+
+def test_launched_sweep_runs_points_in_containers_nested_under_the_host_parent(
+    mlflow_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    calls_file = _fake_container_docker(tmp_path / "bin")
+    _path_with(monkeypatch, tmp_path / "bin")
+    monkeypatch.setenv("FAKE_DOCKER_PYTHONPATH", str(REPO))
+    monkeypatch.setenv("FAKE_DOCKER_MLFLOW", mlflow_server.url)
+    monkeypatch.setenv("FAKE_DOCKER_APP_RUNS", str(tmp_path / "volume"))
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "tiny.yaml"
+    base.write_text("tracking:\n  experiment: sweep-launch\n  register: false\n")
+    tiny = {k: yaml.safe_load(v) for k, v in (o.split("=") for o in TINY)}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "boxed", "base": "tiny.yaml",
+        "set": tiny | {"train.epochs": 2, "data.n_stories": 60, "tracking.samples": 0,
+                       "train.num_threads": 1, "train.warmup_steps": 0},
+        "grid": {"model.dropout": [0.0, 0.1]},
+        # Starts, then its loss turns non-finite: the container exits 1.
+        "points": [{"train.lr": 10, "train.grad_clip": 0, "train.epochs": 30}],
+    }, sort_keys=False))
+    args = ["sweep", str(sweep), "--launch", "--device", "cpu", "--parallel", "2", "--json",
+            "--tracking-uri", mlflow_server.url, "--out", str(tmp_path / "host")]
+
+    first = runner.invoke(app, args)
+    assert first.exit_code == 1, first.output
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    assert [p["status"] for p in result["points"]] == ["FINISHED", "FINISHED", "FAILED"]
+    assert "non-finite" in result["points"][2]["error"]
+
+    calls = _calls(calls_file)
+    compose = ["compose", "--project-directory", str(REPO), "--file", str(REPO / "compose.yaml")]
+    assert calls[0][0] == "info"
+    # The server is up before the host creates the parent run; each point is one `run`.
+    assert calls[2] == [*compose, "up", "--detach", "--wait", "mlflow"]
+    runs = [c for c in calls if "run" in c]
+    assert len(runs) == 3
+    parent_id = result["parent_run_id"]
+    for argv, point in zip(sorted(runs, key=lambda c: c[c.index("--run-name") + 1]),
+                           sorted(result["points"], key=lambda p: p["run_name"]), strict=True):
+        assert argv[:len(compose) + 3] == [*compose, "run", "--rm", "--no-TTY"]
+        assert _option_values(argv, "--volume") == [f"{base}:/app/launch/tiny.yaml:ro"]
+        env = dict(e.split("=", 1) for e in _option_values(argv, "--env"))
+        assert env["TINYTALE_PARENT_RUN_ID"] == parent_id
+        assert json.loads(env["TINYTALE_RUN_TAGS"]) == {
+            "tinytale.sweep": "boxed", "tinytale.overrides": json.dumps(point["overrides"])}
+        assert argv[argv.index("trainer"):][:3] == ["trainer", "train", "/app/launch/tiny.yaml"]
+        assert argv[argv.index("--run-name") + 1] == point["run_name"]
+        assert argv[argv.index("--out") + 1].startswith("/app/runs/boxed/")
+        assert argv[argv.index("--resume") + 1] == "auto"
+        assert "--tracking-uri" not in argv  # the container's own: http://mlflow:5000
+
+    client = MlflowClient(mlflow_server.url)
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == "boxed" and parent.info.status == "FAILED"
+    children = {r.info.run_name: r for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+    assert set(children) == {"dropout=0", "dropout=0.1", "lr=10,grad_clip=0,epochs=30"}
+    assert children["dropout=0.1"].info.status == "FINISHED"
+    assert children["dropout=0.1"].data.tags["tinytale.sweep"] == "boxed"
+    failed = children["lr=10,grad_clip=0,epochs=30"]
+    # The container's own run, closed FAILED by the trainer (not a record made by the host).
+    assert failed.info.status == "FAILED" and failed.data.params["train.lr"] == "10.0"
+    assert failed.info.run_id == result["points"][2]["run_id"]
+    assert (tmp_path / "host" / "boxed" / "logs" / "dropout=0.1.log").is_file()
+
+    # Again: the finished points are skipped without a container, the failed one runs again.
+    second = runner.invoke(app, args)
+    assert second.exit_code == 1, second.output
+    again = json.loads(second.stdout.strip().splitlines()[-1])
+    assert [p["status"] for p in again["points"]] == ["SKIPPED", "SKIPPED", "FAILED"]
+    assert again["parent_run_id"] == parent_id
+    new_runs = [c for c in _calls(calls_file)[len(calls):] if "run" in c]
+    assert [c[c.index("--run-name") + 1] for c in new_runs] == ["lr=10,grad_clip=0,epochs=30"]
+
+
+def test_launched_sweep_without_docker_is_one_sentence(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    (tmp_path / "base.yaml").write_text("train: {epochs: 1}\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nbase: base.yaml\npoints: [{model.dropout: 0.1}]\n")
+    result = runner.invoke(app, ["sweep", str(sweep), "--launch"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: The docker command is not installed")
+
+
+def test_device_without_launch_is_refused(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "--device cuda applies to containers only; add --launch" in result.stderr
+
+
+def test_a_launched_sweep_talks_to_the_stack_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TINYTALE_MLFLOW_PORT", raising=False)
+    assert stack_tracking_uri(None) == "http://127.0.0.1:5000"
+    monkeypatch.setenv("TINYTALE_MLFLOW_PORT", "5001")
+    assert stack_tracking_uri("") == "http://127.0.0.1:5001"
+    assert stack_tracking_uri("http://gpu-box:5000") == "http://gpu-box:5000"
+    with pytest.raises(UserError, match="cannot be used; leave it unset for http://127.0.0.1:5001"):
+        stack_tracking_uri("sqlite:///mlflow.db")
+
+
+def test_a_cuda_point_command(tmp_path: Path) -> None:
+    points = ContainerPoints(Stack(REPO, "cuda"), "http://127.0.0.1:5000", "experiments/x.yaml",
+                             None)
+    assert points.command(["--json"], {"A": "1"}) == [
+        *COMPOSE, "--profile", "gpu", "run", "--rm", "--no-TTY", "--env", "A=1",
+        "trainer-gpu", "train", "experiments/x.yaml", "--json"]
+    assert points.point_out("s", "abc123") == "/app/runs/s/abc123"

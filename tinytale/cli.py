@@ -253,16 +253,24 @@ def sweep(
         help="Sweep YAML: name, base experiment, grid and/or points, optional set and "
              "experiment (see experiments/sweep_regularization.yaml).")],
     parallel: Annotated[int, typer.Option(
-        min=1, help="Points to run at once, each as its own process on this machine "
-                    "(CPU threads are shared out between them). To run points in containers "
-                    "use `tinytale launch`.")] = 1,
+        min=1, help="Points to run at once, each as its own process on this machine, or "
+                    "container with --launch (CPU threads are shared out between them).")] = 1,
+    launch: Annotated[bool, typer.Option(
+        "--launch", help="Run each point in a trainer container of the compose stack, as "
+                         "`tinytale launch` does (the stack's MLflow server is started; the "
+                         "host reaches it on 127.0.0.1:$TINYTALE_MLFLOW_PORT, default "
+                         "5000).")] = False,
+    device: Annotated[str | None, typer.Option(
+        help="With --launch: cpu | cuda | auto (cuda only when Docker has the NVIDIA "
+             "runtime; the default).")] = None,
     rerun: Annotated[bool, typer.Option(
         "--rerun", help="Run every point again, even those already FINISHED in this "
                         "sweep.")] = False,
     out: Annotated[Path, typer.Option(
         envvar="TINYTALE_OUT",
         help="Folder for checkpoints and logs: OUT/<sweep>/<point>/... and "
-             "OUT/<sweep>/logs/<point>.log.")] = Path("runs"),
+             "OUT/<sweep>/logs/<point>.log (with --launch only the logs; checkpoints stay "
+             "in the stack's checkpoints volume).")] = Path("runs"),
     experiment: Annotated[str | None, typer.Option(
         help="MLflow experiment (overrides the sweep file and the base config).")] = None,
     tracking_uri: TrackingUriOption = None,
@@ -277,7 +285,10 @@ def sweep(
 
     A failed point is recorded as a FAILED run and the sweep goes on.
 
-    Exit code: number of failed points (at most 125); 2 bad sweep file; 130/143 interrupted.
+    With --launch each point runs in a trainer container of the compose stack instead.
+
+    Exit code: number of failed points (at most 125); 2 bad sweep file or option; 130/143
+    interrupted.
     """
     from tinytale.sweep import (
         load_sweep,
@@ -288,6 +299,9 @@ def sweep(
     )
 
     with user_errors():
+        if device is not None and not launch:
+            raise UserError(f"--device {device} applies to containers only; add --launch, or "
+                            "set train.device in the sweep file's set: for local points.")
         spec = load_sweep(sweep_file)
         if dry_run:
             exp = sweep_experiment(spec, experiment)
@@ -297,7 +311,8 @@ def sweep(
                 typer.echo(f"{i:>3}. {point.run_name}  "
                            f"{json.dumps(resolved_overrides(spec, point))}")
             return
-        result = run_sweep(spec, tracking_uri, out, parallel, rerun, experiment)
+        result = run_sweep(spec, tracking_uri, out, parallel, rerun, experiment,
+                           launch=(device or "auto") if launch else None)
     typer.echo(json.dumps(result.to_json()) if json_out else render_results(result))
     raise typer.Exit(result.exit_code)
 

@@ -2,14 +2,17 @@
 
 Typer-free and mostly pure: `launch_commands()` returns the `docker compose` argument lists, so the
 tests can check them without Docker; `launch()` checks Docker, picks the device and runs them.
+`tinytale sweep --launch` builds its per-point commands from the same pieces (`prepare_stack`,
+`server_command`, `train_command`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,57 @@ def check_overrides(overrides: Sequence[str]) -> None:
             raise LaunchError(f"--set {item!r} is not KEY=VALUE, e.g. --set train.lr=3e-4.")
 
 
+def host_tracking_uri() -> str:
+    """The stack's MLflow server as the host reaches it (containers use http://mlflow:5000)."""
+    return f"http://127.0.0.1:{os.environ.get('TINYTALE_MLFLOW_PORT') or 5000}"
+
+
+def _compose(device: str, project_dir: Path) -> list[str]:
+    if device not in SERVICES:
+        raise LaunchError(f"device {device!r} is not one of: cpu, cuda.")
+    compose = ["docker", "compose", "--project-directory", str(project_dir),
+               "--file", str(project_dir / COMPOSE_FILE)]
+    if device == "cuda":
+        compose += ["--profile", "gpu"]
+    return compose
+
+
+def server_command(device: str, project_dir: Path = Path("."), build: bool = False) -> list[str]:
+    """Start the MLflow service (if it is not up) and wait until it is healthy."""
+    return [*_compose(device, project_dir), "up", "--detach", "--wait",
+            *(["--build"] if build else []), "mlflow"]
+
+
+def train_command(
+    config: str,
+    device: str,
+    train_args: Sequence[str] = (),
+    project_dir: Path = Path("."),
+    mount: ConfigMount | None = None,
+    env: Mapping[str, str] | None = None,
+    detach: bool = False,
+    build: bool = False,
+    no_tty: bool = False,
+) -> list[str]:
+    """`docker compose run --rm ... SERVICE train CONFIG ARGS...`, a one-off trainer container.
+
+    `env` becomes `--env KEY=VALUE` options (the container sees no other host variables);
+    `no_tty` keeps the container's stdout and stderr apart for a caller that reads them.
+    """
+    run = [*_compose(device, project_dir), "run", "--rm"]
+    if build:
+        run.append("--build")
+    if detach:
+        run.append("--detach")
+    if no_tty:
+        run.append("--no-TTY")
+    if mount is not None:
+        run += ["--volume", mount.volume]
+    for key, value in (env or {}).items():
+        run += ["--env", f"{key}={value}"]
+    return [*run, SERVICES[device], "train", config, *train_args]
+
+
 def launch_commands(
     config: str,
     device: str,
@@ -74,30 +128,12 @@ def launch_commands(
     `device` must already be `cpu` or `cuda` (see `pick_device` for `auto`); `config` is the
     path the container sees.
     """
-    if device not in SERVICES:
-        raise LaunchError(f"device {device!r} is not one of: cpu, cuda.")
     check_overrides(overrides)
-    compose = [
-        "docker",
-        "compose",
-        "--project-directory",
-        str(project_dir),
-        "--file",
-        str(project_dir / COMPOSE_FILE),
+    return [
+        server_command(device, project_dir, build),
+        train_command(config, device, [arg for item in overrides for arg in ("--set", item)],
+                      project_dir, mount, detach=detach, build=build),
     ]
-    if device == "cuda":
-        compose += ["--profile", "gpu"]
-    build_flag = ["--build"] if build else []
-    start_server = [*compose, "up", "--detach", "--wait", *build_flag, "mlflow"]
-    run = [*compose, "run", "--rm", *build_flag]
-    if detach:
-        run.append("--detach")
-    if mount is not None:
-        run += ["--volume", mount.volume]
-    run += [SERVICES[device], "train", config]
-    for item in overrides:
-        run += ["--set", item]
-    return [start_server, run]
 
 
 def has_nvidia_runtime(docker_info_runtimes: str) -> bool:
@@ -164,6 +200,25 @@ def _run(argv: list[str]) -> int:
             continue
 
 
+@dataclass(frozen=True)
+class Stack:
+    """A compose stack Docker can run, and the device (`cpu` or `cuda`) its trainer uses."""
+
+    project_dir: Path
+    device: str
+
+
+def prepare_stack(device: str = "auto", project_dir: Path | None = None) -> Stack:
+    """Find compose.yaml, check Docker, resolve `auto`; `LaunchError` when any of it fails."""
+    if device not in DEVICES:
+        raise LaunchError(f"--device {device!r} is not one of: {', '.join(DEVICES)}.")
+    project_dir = project_dir or find_project_dir(Path.cwd())
+    if not (project_dir / COMPOSE_FILE).is_file():
+        raise LaunchError(f"{project_dir / COMPOSE_FILE} does not exist.")
+    runtimes = check_docker()
+    return Stack(project_dir, pick_device(device, runtimes))
+
+
 def launch(
     config: str = "experiments/lesson.yaml",
     device: str = "auto",
@@ -176,22 +231,16 @@ def launch(
 
     Raises `LaunchError` when Docker is missing or an option is wrong.
     """
-    if device not in DEVICES:
-        raise LaunchError(f"--device {device!r} is not one of: {', '.join(DEVICES)}.")
     check_overrides(overrides)
-    cwd = Path.cwd()
-    project_dir = project_dir or find_project_dir(cwd)
-    if not (project_dir / COMPOSE_FILE).is_file():
-        raise LaunchError(f"{project_dir / COMPOSE_FILE} does not exist.")
-    runtimes = check_docker()
-    container_config, mount = resolve_config(config, cwd)
+    stack = prepare_stack(device, project_dir)
+    container_config, mount = resolve_config(config, Path.cwd())
     commands = launch_commands(
         container_config,
-        pick_device(device, runtimes),
+        stack.device,
         overrides,
         detach=detach,
         build=build,
-        project_dir=project_dir,
+        project_dir=stack.project_dir,
         mount=mount,
     )
     for argv in commands:

@@ -1,7 +1,8 @@
 """Running a sweep: each point in its own `tinytale train` process, tracked under one parent.
 
 Skipping finished points, resuming stopped ones, recording failures and the exit code; the
-file format and its checks live in `tinytale.sweep.spec`.
+file format and its checks live in `tinytale.sweep.spec`, running points in the compose
+stack's containers instead of local processes in `tinytale.sweep.containers`.
 """
 
 from __future__ import annotations
@@ -142,13 +143,25 @@ def run_sweep(
     experiment: str | None = None,
     echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
     extra_args: Sequence[str] = (),
+    launch: str | None = None,
 ) -> SweepResult:
-    """Run every point not yet finished, `parallel` at a time, each in its own process."""
+    """Run every point not yet finished, `parallel` at a time, each in its own process.
+
+    `launch` (a device: cpu, cuda or auto) runs each point in a trainer container of the
+    compose stack instead, logging to the stack's server.
+    """
     from tinytale.mlflow_tracker import reader as mr
 
     if parallel < 1:
         raise UserError(f"--parallel {parallel} must be at least 1.")
-    uri = mr.tracking_uri_or_default(tracking_uri)
+    containers = None
+    if launch is not None:
+        from tinytale.sweep.containers import prepare_containers
+
+        containers = prepare_containers(spec.base, launch, tracking_uri)
+        uri = containers.tracking_uri
+    else:
+        uri = mr.tracking_uri_or_default(tracking_uri)
     exp_name = sweep_experiment(spec, experiment)
     resolved = [resolved_overrides(spec, p) for p in spec.points]
     keys = [overrides_key(r) for r in resolved]
@@ -209,30 +222,43 @@ def run_sweep(
             echo(f"{label}: FAILED ({exc})")
             return result
         resume_from, resumed_id = None, None
-        if not rerun:
-            resume_from, resumed_id, why_not = resumable_point(out / spec.name / point.run_name,
-                                                               hashes[i])
-            if why_not:
-                echo(f"{label}: {why_not}")
-        cmd = [sys.executable, "-m", "tinytale", "train", str(spec.base),
-               *(arg for s in spec.set_args(point) for arg in ("--set", s)),
-               "--run-name", point.run_name, "--experiment", exp_name,
-               "--out", str(out / spec.name), "--tracking-uri", uri, "--json",
-               *(["--resume", str(resume_from)] if resume_from else []), *extra_args]
-        env = {**os.environ, "TINYTALE_PARENT_RUN_ID": parent_id,
-               "TINYTALE_RUN_TAGS": json.dumps(tags), "MLFLOW_TRACKING_URI": uri}
+        train_args = [*(arg for s in spec.set_args(point) for arg in ("--set", s)),
+                      "--run-name", point.run_name, "--experiment", exp_name, "--json"]
+        point_env = {"TINYTALE_PARENT_RUN_ID": parent_id, "TINYTALE_RUN_TAGS": json.dumps(tags)}
         if parallel > 1:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-                env.setdefault(var, str(threads_each))
+                point_env[var] = os.environ.get(var, str(threads_each))
+        if containers is not None:
+            # Checkpoints are in the stack's volume, out of the host's sight: the container
+            # looks for one itself, in a folder of the point's config alone.
+            checkpoints = containers.point_out(spec.name, hashes[i])
+            if not rerun:
+                train_args += ["--resume", "auto"]
+                resumed_id = _unfinished_run(before, keys[i], hashes[i])
+            cmd = containers.command([*train_args, "--out", checkpoints, *extra_args],
+                                     point_env)
+            env = dict(os.environ)
+        else:
+            checkpoints = str(out / spec.name / point.run_name)
+            if not rerun:
+                resume_from, resumed_id, why_not = resumable_point(Path(checkpoints), hashes[i])
+                if why_not:
+                    echo(f"{label}: {why_not}")
+            cmd = [sys.executable, "-m", "tinytale", "train", str(spec.base), *train_args,
+                   "--out", str(out / spec.name), "--tracking-uri", uri,
+                   *(["--resume", str(resume_from)] if resume_from else []), *extra_args]
+            env = {**os.environ, **point_env, "MLFLOW_TRACKING_URI": uri}
         log_path = log_dir / f"{point.run_name}.log"
+        where = f" in a {containers.stack.device} container" if containers else ""
         echo(f"{label}: " + (f"resuming run {resumed_id} from {resume_from}"
-                             if resume_from else "started") + f" (log: {log_path})")
+                             if resume_from else "started") + f"{where} (log: {log_path})")
         start = time.monotonic()
         with open(log_path, "ab") as log:  # appended: an earlier, stopped attempt stays
             log.write(f"{_ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')} "
                       f"{' '.join(cmd[1:])}\n".encode())
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=log, env=env)
             procs.add(proc)
             try:
                 stdout, _ = proc.communicate()
@@ -247,7 +273,7 @@ def run_sweep(
             killed = proc.returncode in (130, 143, -2, -15)
             result.status = "KILLED" if killed else "FAILED"
             result.error = (f"stopped by {procs.stopped or 'a signal'}; its checkpoint is in "
-                            f"{out / spec.name / point.run_name}" if killed
+                            f"{checkpoints}" if killed
                             else _error_of(log_path, proc.returncode))
             result.run_id = _record_failure(mr, uri, exp_name, spec.name, parent_id,
                                             known_ids - {resumed_id}, keys[i], point.run_name,
@@ -298,6 +324,15 @@ def _last_json(stdout: str) -> dict[str, Any]:
     return {}
 
 
+def _unfinished_run(runs: Sequence[Any], key: str, config_hash: str | None) -> str | None:
+    """The newest earlier run of a point, same config, not FINISHED: what a resume continues."""
+    for run in reversed(runs):
+        if (run.overrides is not None and overrides_key(run.overrides) == key
+                and run.tags.get("config_hash") == config_hash and run.status != "FINISHED"):
+            return run.run_id
+    return None
+
+
 def _error_of(log_path: Path, returncode: int) -> str:
     """The `error: ...` line the failed process printed, else the end of its log."""
     try:
@@ -318,7 +353,8 @@ def _record_failure(mr: Any, uri: str, experiment: str, sweep: str, parent_id: s
                     known_ids: set[str], key: str, run_name: str, tags: dict[str, str],
                     error: str, status: str) -> str | None:
     """Make sure the failed point has a FAILED (or KILLED) child run, and return its id."""
-    for run in mr.sweep_point_runs(uri, experiment, sweep):
+    # Newest first: a run this attempt created beats the older one it may have resumed.
+    for run in reversed(mr.sweep_point_runs(uri, experiment, sweep)):
         if (run.run_id not in known_ids and run.overrides is not None
                 and overrides_key(run.overrides) == key
                 and run.tags.get(mr.PARENT_TAG) == parent_id):

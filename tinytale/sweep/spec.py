@@ -15,10 +15,11 @@ A sweep file (YAML):
 
 `grid` and `points` may be combined (the grid's points come first); at least one is needed.
 A point's overrides win over `set`. Each point runs as `tinytale train BASE --set ...` in its
-own process, nested under the sweep's parent run and tagged `tinytale.sweep` (the name) and
-`tinytale.overrides` (JSON of the point's overrides); its run is named after its overrides,
-e.g. `dropout=0.2,weight_decay=0.1`. A point already FINISHED in the sweep (same overrides)
-is skipped unless `rerun`; a failing point is recorded as a FAILED run and the sweep goes on.
+own process (or trainer container, `--launch`), nested under the sweep's parent run and tagged
+`tinytale.sweep` (the name) and `tinytale.overrides` (JSON of the point's overrides); its run
+is named after its overrides, e.g. `dropout=0.2,weight_decay=0.1`. A point already FINISHED
+in the sweep (same overrides) is skipped unless `rerun`; a failing point is recorded as a
+FAILED run and the sweep goes on.
 A point that was stopped before it finished (SIGTERM to the sweep, a crash) resumes from its
 newest checkpoint into the same MLflow run the next time the sweep runs, unless `rerun`.
 Both rules hold only while the point's config is unchanged (its `config_hash` tag): after an
