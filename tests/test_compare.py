@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import signal
 import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -325,6 +334,76 @@ def test_compare_mistakes_exit_2_with_one_line(store, tmp_path, args, message):
     result = runner.invoke(app, ["compare", *args, "--tracking-uri", store["url"]])
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+
+
+# --------------------------------------------------------------------------- server trouble
+
+
+@pytest.fixture(scope="module")
+def refusing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real `mlflow server` with MLflow's basic-auth app that accepts only the Host
+    127.0.0.1:PORT: without credentials it answers 401, reached as localhost:PORT 403.
+    Its port; tests/test_sweep.py uses it too."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
+    root = tmp_path_factory.mktemp("refusing-mlflow")
+    port = free_port()
+    (root / "auth.ini").write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
+        f"admin_username = admin\nadmin_password = {secrets.token_urlsafe(18)}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "",
+           "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(root / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (root / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the basic-auth server did not start in 120 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # start_new_session: its own process group
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_compare_against_an_unreachable_server_is_one_sentence(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = runner.invoke(app, ["compare", "--sweep", "reg", "--tracking-uri", uri,
+                                 "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: cannot reach the MLflow server at {uri}; start it "
+                             "(`docker compose up -d mlflow`, or `mlflow server`) or pass its "
+                             "address with --tracking-uri.\n")
+
+
+@pytest.mark.parametrize("host, refusal", [("127.0.0.1", "asks for credentials (401"),
+                                           ("localhost", "refused the request (403")])
+def test_compare_refused_by_the_server_is_one_sentence(refusing_server, no_credentials,
+                                                       tmp_path, host, refusal):
+    uri = f"http://{host}:{refusing_server}"
+    result = runner.invoke(app, ["compare", "--sweep", "reg", "--tracking-uri", uri,
+                                 "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: the MLflow server at {uri} {refusal}")
+    assert result.stderr.count("\n") == 1 and "MLFLOW_TRACKING_USERNAME" in result.stderr
 
 
 # --------------------------------------------------------------------------- the shipped story

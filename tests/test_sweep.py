@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
+from test_compare import no_credentials, refusing_server  # noqa: F401 (fixtures used below)
 from typer.testing import CliRunner
 
 from tinytale.checkpoint import peek_checkpoint, save_checkpoint
@@ -345,6 +347,31 @@ def test_stopped_sweep_resumes_its_point_into_the_same_run(mlflow_server, tmp_pa
     assert [r.info.run_id for r in children] == [point["run_id"]]
     steps = [m.step for m in client.get_metric_history(point["run_id"], "val_loss")]
     assert sorted(steps) == list(range(1, epochs + 1))
+
+
+def test_sweep_against_an_unreachable_server_is_one_sentence(tmp_path, base):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    sweep = write(tmp_path, {"name": "s", "base": "base.yaml", "points": [{"model.dropout": 0.1}]})
+    result = runner.invoke(app, ["sweep", str(sweep), "--tracking-uri", uri,
+                                 "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: cannot reach the MLflow server at {uri}; start it "
+                             "(`docker compose up -d mlflow`, or `mlflow server`) or pass its "
+                             "address with --tracking-uri.\n")
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+@pytest.mark.parametrize("host, refusal", [("127.0.0.1", "asks for credentials (401"),
+                                           ("localhost", "refused the request (403")])
+def test_sweep_refused_by_the_server_is_one_sentence(refusing_server, no_credentials,  # noqa: F811
+                                                     tmp_path, base, host, refusal):
+    uri = f"http://{host}:{refusing_server}"
+    sweep = write(tmp_path, {"name": "s", "base": "base.yaml", "points": [{"model.dropout": 0.1}]})
+    result = runner.invoke(app, ["sweep", str(sweep), "--tracking-uri", uri,
+                                 "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: the MLflow server at {uri} {refusal}")
+    assert result.stderr.count("\n") == 1
 
 
 def test_bad_sweep_file_exits_2(tmp_path):

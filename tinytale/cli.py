@@ -287,8 +287,8 @@ def sweep(
 
     With --launch each point runs in a trainer container of the compose stack instead.
 
-    Exit code: number of failed points (at most 125); 2 bad sweep file or option; 130/143
-    interrupted.
+    Exit code: number of failed points (at most 125); 2 bad sweep file or option, or a
+    tracking server that cannot be reached; 130/143 interrupted.
     """
     from tinytale.sweep import (
         load_sweep,

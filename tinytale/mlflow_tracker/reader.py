@@ -1,7 +1,8 @@
 """Reading runs back for sweeps and `tinytale compare`: the query side of the MLflow package.
 
 Plain functions of a tracking URI. They translate MLflow entities into the plain data of
-`tinytale.compare` and raise `UserError` for what a user can fix (unknown experiment, run or sweep).
+`tinytale.compare` and raise `UserError` for what a user can fix (unknown experiment, run or
+sweep; a server that cannot be reached or refuses the credentials).
 
 Tags written and read here:
 * sweep parent run: `tinytale.sweep_parent` = sweep name (and the run is named after it)
@@ -11,14 +12,15 @@ Tags written and read here:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tinytale.compare import RunCurves, clean_series
 from tinytale.errors import UserError
@@ -30,6 +32,7 @@ ERROR_TAG = "tinytale.error"
 PARENT_TAG = "mlflow.parentRunId"
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_F = TypeVar("_F", bound=Callable[..., Any])
 _BULK_MAX_RUNS = 100  # the server's limit per get-history-bulk-interval request
 _BULK_MAX_STEPS = 2500  # the server's limit of values per run and request
 
@@ -39,6 +42,49 @@ def tracking_uri_or_default(uri: str | None) -> str:
     from tinytale.mlflow_tracker import resolve_tracking_uri
 
     return resolve_tracking_uri(uri)
+
+
+def server_problem(uri: str, exc: Exception) -> str | None:
+    """One sentence for an MLflow error a user fixes at the server (reach, credentials); else None.
+
+    MLflow reports both as `MlflowException`, so the HTTP status tells a refusal, and the
+    server's /health (it needs no credentials) whether it answers at all.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from tinytale.mlflow_tracker.uris import server_healthy
+
+    if not isinstance(exc, MlflowException) or not uri.startswith(("http://", "https://")):
+        return None
+    status = exc.get_http_status_code()
+    if status == 401:
+        return (f"the MLflow server at {uri} asks for credentials (401 Unauthorized); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that "
+                "server (the stack's admin user and password).")
+    if status == 403:
+        return (f"the MLflow server at {uri} refused the request (403 Forbidden); use a user "
+                "with permission in MLFLOW_TRACKING_USERNAME, and an address the server "
+                "accepts as its host (its allowed hosts, MLFLOW_SERVER_ALLOWED_HOSTS).")
+    if not server_healthy(uri):
+        return (f"cannot reach the MLflow server at {uri}; start it (`docker compose up -d "
+                "mlflow`, or `mlflow server`) or pass its address with --tracking-uri.")
+    return None
+
+
+def _server_errors(func: _F) -> _F:
+    """Raise `UserError` instead of MLflow's traceback when the server is down or refuses us."""
+
+    @functools.wraps(func)
+    def wrapper(tracking_uri: str | None, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(tracking_uri, *args, **kwargs)
+        except Exception as exc:
+            problem = server_problem(tracking_uri_or_default(tracking_uri), exc)
+            if problem is None:
+                raise
+            raise UserError(problem) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _client(uri: str | None) -> Any:
@@ -104,6 +150,7 @@ def _to_curves(run: Any) -> RunCurves:
 # --------------------------------------------------------------------------- compare: runs
 
 
+@_server_errors
 def find_runs(tracking_uri: str | None, refs: Sequence[str] = (), experiment: str | None = None,
               sweep: str | None = None, limit: int = 100) -> list[RunCurves]:
     """Runs to compare, without histories, in the order asked for.
@@ -165,6 +212,7 @@ def _resolve_ref(client: Any, exp_ids: Sequence[str], ref: str, experiment: str 
 # --------------------------------------------------------------------------- compare: histories
 
 
+@_server_errors
 def fetch_histories(tracking_uri: str | None, runs: Sequence[RunCurves], keys: Iterable[str]
                     ) -> None:
     """Fill `run.histories[key]` for every run and key, as few round trips as possible.
@@ -212,12 +260,14 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
 
 def _bulk_history(uri: str, key: str, run_ids: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
     from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
 
+    endpoint = "/api/2.0/mlflow/metrics/get-history-bulk-interval"
     response = http_request(
-        get_default_host_creds(uri), "/api/2.0/mlflow/metrics/get-history-bulk-interval", "GET",
+        get_default_host_creds(uri), endpoint, "GET",
         params={"run_ids": list(run_ids), "metric_key": key, "max_results": _BULK_MAX_STEPS},
     )
+    verify_rest_response(response, endpoint)  # a 401/403 is a refusal, not a history
     out: dict[str, list[tuple[int, float]]] = {run_id: [] for run_id in run_ids}
     for m in response.json().get("metrics", []):
         out.setdefault(m["run_id"], []).append((int(m.get("step", 0)), float(m["value"])))
@@ -227,6 +277,7 @@ def _bulk_history(uri: str, key: str, run_ids: Sequence[str]) -> dict[str, list[
 # --------------------------------------------------------------------------- sweeps
 
 
+@_server_errors
 def ensure_experiment(tracking_uri: str | None, name: str) -> str:
     """The id of experiment `name`, created when missing, as `train` creates it."""
     from tinytale.mlflow_tracker import ensure_experiment as ensure
@@ -235,6 +286,7 @@ def ensure_experiment(tracking_uri: str | None, name: str) -> str:
     return ensure(_client(uri), name, uri)
 
 
+@_server_errors
 def find_sweep_parent(tracking_uri: str | None, experiment: str | None, sweep: str
                       ) -> str | None:
     """The run id of the newest parent run of `sweep` (None when there is none)."""
@@ -248,6 +300,7 @@ def find_sweep_parent(tracking_uri: str | None, experiment: str | None, sweep: s
     return runs[0].info.run_id if runs else None
 
 
+@_server_errors
 def start_sweep_parent(tracking_uri: str | None, experiment: str, sweep: str,
                        params: dict[str, Any], spec_text: str) -> str:
     """Reopen the sweep's parent run (RUNNING again) or create it; log the sweep file to it."""
@@ -270,6 +323,7 @@ def _param(key: str, value: Any) -> Any:
     return Param(key, str(value)[:6000])
 
 
+@_server_errors
 def finish_sweep_parent(tracking_uri: str | None, run_id: str, status: str,
                         metrics: dict[str, float]) -> None:
     from mlflow.entities import Metric
@@ -280,6 +334,7 @@ def finish_sweep_parent(tracking_uri: str | None, run_id: str, status: str,
     client.set_terminated(run_id, status)
 
 
+@_server_errors
 def sweep_point_runs(tracking_uri: str | None, experiment: str, sweep: str) -> list[RunCurves]:
     """Every point run of `sweep` in `experiment` (any status), oldest first; none: []."""
     client = _client(tracking_uri)
@@ -290,6 +345,7 @@ def sweep_point_runs(tracking_uri: str | None, experiment: str, sweep: str) -> l
     return [_to_curves(r) for r in runs]
 
 
+@_server_errors
 def record_failed_point(tracking_uri: str | None, experiment: str, parent_run_id: str,
                         run_name: str, tags: dict[str, str], error: str) -> str:
     """A FAILED child run for a point that died before it could open its own run."""
@@ -302,6 +358,7 @@ def record_failed_point(tracking_uri: str | None, experiment: str, parent_run_id
     return run.info.run_id
 
 
+@_server_errors
 def mark_run_failed(tracking_uri: str | None, run_id: str, error: str) -> None:
     """Close a point run its process left RUNNING (it was killed) as FAILED, with the reason."""
     client = _client(tracking_uri)
@@ -312,6 +369,7 @@ def mark_run_failed(tracking_uri: str | None, run_id: str, error: str) -> None:
 # --------------------------------------------------------------------------- figures
 
 
+@_server_errors
 def log_figure(tracking_uri: str | None, run_id: str, path: Path,
                artifact_dir: str = "compare") -> str:
     """Upload the comparison figure to a run; returns the artifact path."""
