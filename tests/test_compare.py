@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from tinytale import compare as cmp
 from tinytale.cli import app
+from tinytale.errors import UserError
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +233,13 @@ def test_plot_writes_png_and_svg(tmp_path):
     assert text.lstrip().startswith("<?xml") and "<svg" in text
 
 
+def test_a_figure_that_cannot_be_written_is_a_user_error(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    runs = [make_run("a" * 32, "overfit", OVERFIT_VAL, OVERFIT_TRAIN)]
+    with pytest.raises(UserError, match=r"^cannot write the figure '.*c\.png' \("):
+        cmp.plot_curves(runs, cmp.summarize_all(runs), tmp_path / "a-file" / "c.png")
+
+
 def test_plot_of_many_runs_puts_the_legend_outside(tmp_path):
     runs = [make_run(f"{i:032x}", f"run-{i}", [v + i * 0.01 for v in OVERFIT_VAL],
                      OVERFIT_TRAIN) for i in range(30)]
@@ -328,12 +336,20 @@ def test_compare_experiment_alone_skips_sweep_parents(store, tmp_path):
     (["no-such-run", "--experiment", "compare-test"], "no run with id or name 'no-such-run'"),
     (["--sweep", "reg", "--metric", "bleu"], "none of the 2 runs logged the metric 'bleu'"),
     (["--sweep", "reg", "--out", "x.jpg"], "must end in .png or .svg"),
+    (["--sweep", "reg", "--out", "{tmp}/a-file/sub/c.png"],
+     "--out '{tmp}/a-file/sub/c.png': '{tmp}/a-file' is a file, not a folder; pass a path in a "
+     "folder you can write to."),
+    (["--sweep", "reg", "--out", "{tmp}/dir.png"], "--out '{tmp}/dir.png' is a folder"),
     ([], "nothing to compare"),
 ])
 def test_compare_mistakes_exit_2_with_one_line(store, tmp_path, args, message):
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "dir.png").mkdir()
+    args = [a.format(tmp=tmp_path) for a in args]
     result = runner.invoke(app, ["compare", *args, "--tracking-uri", store["url"]])
     assert result.exit_code == 2, result.output
-    assert message in result.stderr
+    assert message.format(tmp=tmp_path) in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
 
 
 # --------------------------------------------------------------------------- server trouble

@@ -360,6 +360,7 @@ def compare(
     with user_errors():
         if out.suffix.lower() not in (".png", ".svg"):
             raise UserError(f"--out '{out}' must end in .png or .svg.")
+        cmp.check_figure_path(out)
         found = mr.find_runs(tracking_uri, runs or [], experiment, sweep_name, limit)
         mr.fetch_histories(tracking_uri, found, cmp.metrics_needed(metric))
         if not any(r.histories.get(metric) for r in found):

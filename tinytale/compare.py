@@ -1,8 +1,8 @@
 """Overfitting analysis across runs: best epoch, overfitting onset, final gap, plot and table.
 
-Everything here is pure: it works on `RunCurves` (plain data fetched elsewhere, see
-`tinytale.mlflow_tracker.reader`) and never talks to MLflow, so every rule can be tested on
-hand-made curves.
+Everything here but the figure file is pure: it works on `RunCurves` (plain data fetched
+elsewhere, see `tinytale.mlflow_tracker.reader`) and never talks to MLflow, so every rule can
+be tested on hand-made curves.
 
 Definitions (all "lower is better" metrics: losses and perplexities):
 
@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tinytale.errors import UserError
 
 DEFAULT_METRIC = "val_loss"
 DEFAULT_PATIENCE = 3
@@ -309,6 +312,23 @@ def _colours(n: int) -> list[Any]:
     return [cmap(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
 
 
+def check_figure_path(out: Path) -> None:
+    """Refuse a figure path whose folder cannot be made or written, before anything is fetched."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a folder; pass a file name such as "
+                        f"'{out / 'curves.png'}'.")
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--out '{out}': '{probe}' is a file, not a folder; pass a path in a "
+                        "folder you can write to.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out '{out}': folder '{probe}' is not writable; pass a path in a "
+                        "folder you can write to.")
+
+
 def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out: Path,
                 metric: str = DEFAULT_METRIC, title: str | None = None) -> Path:
     """Train (dashed) and validation (solid) curves per run on shared axes, best epoch marked.
@@ -382,6 +402,10 @@ def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out:
         ax.add_artist(first)
         ax.legend(handles=style_handles, loc="upper center", fontsize=9)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    except OSError as exc:
+        raise UserError(f"cannot write the figure '{out}' ({exc.strerror or exc}); pass --out "
+                        "in a folder you can write to.") from None
     return out
