@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,8 +221,15 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+def svg_texts(path: Path) -> list[str]:
+    """Every text element of an SVG figure, as a reader (or a screen reader) gets it."""
+    root = ET.parse(path).getroot()
+    return ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+
+
 def test_plot_writes_png_and_svg(tmp_path):
-    runs = [make_run("a" * 32, "overfit", OVERFIT_VAL, OVERFIT_TRAIN),
+    runs = [make_run("a" * 32, "overfit", OVERFIT_VAL, OVERFIT_TRAIN,
+                     overrides={"model.dropout": 0.0}),
             make_run("b" * 32, "regularized", REGULAR_VAL, REGULAR_TRAIN),
             cmp.RunCurves("c" * 32, "no-history", status="FAILED")]
     rows = cmp.summarize_all(runs)
@@ -229,8 +237,14 @@ def test_plot_writes_png_and_svg(tmp_path):
     assert png_size(png) == (1000, 650)
     assert png.stat().st_size > 20_000
     svg = cmp.plot_curves(runs, rows, tmp_path / "sub" / "curves.svg")
-    text = svg.read_text()
-    assert text.lstrip().startswith("<?xml") and "<svg" in text
+    assert svg.read_text().lstrip().startswith("<?xml")
+    # Legible: title, axis labels and one legend entry per run are text, not glyph outlines.
+    texts = svg_texts(svg)
+    assert "Train vs validation loss per epoch (3 runs)" in texts
+    assert "epoch" in texts and "loss (train dashed, validation solid)" in texts
+    assert [t for t in texts if t in ("overfit [dropout=0]", "regularized", "no-history")] == \
+        ["overfit [dropout=0]", "regularized", "no-history"]
+    assert {"train loss", "validation loss", "best validation epoch"} <= set(texts)
 
 
 def test_a_figure_that_cannot_be_written_is_a_user_error(tmp_path):
@@ -303,7 +317,10 @@ def test_compare_sweep_writes_figure_table_and_logs_to_parent(store, tmp_path):
     assert (reg["best_epoch"], reg["overfit_onset"]) == (8, None)
     assert reg["overrides"] == {"model.dropout": 0.2}
     assert png_size(out) == (1000, 650) and out.stat().st_size > 20_000
-    assert (tmp_path / "curves.svg").is_file()
+    texts = svg_texts(tmp_path / "curves.svg")
+    assert "Sweep 'reg': train vs validation loss" in texts
+    assert "epoch" in texts and "loss (train dashed, validation solid)" in texts
+    assert {"dropout=0", "dropout=0.2"} <= set(texts)  # one legend entry per run
     logged = {a.path for a in store["client"].list_artifacts(store["parent"], "compare")}
     assert logged == {"compare/curves.png", "compare/curves.svg"}
 
