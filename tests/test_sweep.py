@@ -290,6 +290,62 @@ def test_tiny_sweep_end_to_end(mlflow_server, tmp_path, tiny_overrides, monkeypa
         ["compare/tiny.png"]
 
 
+def test_a_point_failing_at_run_time_and_rerun(mlflow_server, tmp_path, tiny_overrides,
+                                               monkeypatch):
+    """A point whose process starts, then fails (its loss turns non-finite at lr 10 without
+    clipping) is FAILED, the sweep goes on, the exit code counts it; `--rerun` trains every
+    point again from scratch, as new runs under the same parent."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "tiny.yaml").write_text(
+        "tracking:\n  experiment: sweep-rerun\n  register: false\n")
+    sweep = write(tmp_path, {
+        "name": "again", "base": "tiny.yaml",
+        "set": {k: yaml.safe_load(v) for k, v in (o.split("=") for o in tiny_overrides)}
+        | {"train.epochs": 2, "data.n_stories": 60, "tracking.samples": 0,
+           "train.num_threads": 1, "train.warmup_steps": 0},
+        "points": [{"train.lr": 10, "train.grad_clip": 0, "train.epochs": 30},
+                   {"model.dropout": 0.1}],
+    })
+    args = ["sweep", str(sweep), "--tracking-uri", mlflow_server.url,
+            "--out", str(tmp_path / "runs"), "--json"]
+    monkeypatch.setenv("TINYTALE_TRACKING_FLUSH_S", "0.5")
+    monkeypatch.chdir(tmp_path)
+    first = runner.invoke(app, args)
+    assert first.exit_code == 1, first.output
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    bad, good = result["points"]
+    assert (bad["status"], good["status"]) == ("FAILED", "FINISHED")  # the sweep went on
+    assert bad["error"].startswith("run failed: non-finite loss or gradient at step")
+
+    client = MlflowClient(mlflow_server.url)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FAILED" and parent.data.metrics["points_failed"] == 1
+    failed = client.get_run(bad["run_id"])
+    # The point's own run, which it opened and closed FAILED (not a record made by the sweep).
+    assert failed.info.status == "FAILED" and failed.data.params["train.lr"] == "10.0"
+    assert failed.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert failed.data.tags["tinytale.sweep"] == "again"
+
+    second = runner.invoke(app, [*args, "--rerun"])
+    assert second.exit_code == 1, second.output
+    rerun = json.loads(second.stdout.strip().splitlines()[-1])
+    assert rerun["parent_run_id"] == result["parent_run_id"]
+    assert [p["status"] for p in rerun["points"]] == ["FAILED", "FINISHED"]
+    # New runs, nothing resumed: the finished point trained its two epochs again.
+    assert rerun["points"][0]["run_id"] != bad["run_id"]
+    new_id = rerun["points"][1]["run_id"]
+    assert new_id != good["run_id"]
+    assert [m.step for m in client.get_metric_history(new_id, "val_loss")] == [1, 2]
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                              "attributes.run_name = 'dropout=0.1'")
+    assert {r.info.run_id for r in runs} == {good["run_id"], new_id}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    log = (tmp_path / "runs" / "again" / "logs" / "dropout=0.1.log").read_text()
+    assert log.count("\n==== ") == 2  # each attempt keeps its part of the log
+
+
 def test_stopped_sweep_resumes_its_point_into_the_same_run(mlflow_server, tmp_path,
                                                           tiny_overrides):
     """SIGTERM to the sweep stops its point with a checkpoint; the next sweep resumes it."""
