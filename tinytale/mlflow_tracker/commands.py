@@ -52,7 +52,7 @@ def sync_spool(spool_path: Path, tracking_uri: str | None = None) -> dict[str, A
                             "spool.")
         uri = (tracking_uri or "").strip() or opened.get("tracking_uri") or \
             resolve_tracking_uri(None)
-        check_tracking_uri(uri)
+        check_tracking_uri(uri, write=True)
         replayer = Replayer(spool, uri)
         before = len(replayer.pending())
         try:

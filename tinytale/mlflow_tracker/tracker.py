@@ -41,7 +41,7 @@ class MlflowTracker(Tracker):
 
     def __init__(self, config: Any, tracking_uri: str | None = None):
         self.config = config
-        self.uri = resolve_tracking_uri(tracking_uri)
+        self.uri = resolve_tracking_uri(tracking_uri, write=True)
         self.spool: Spool | None = None
         self.replayer: Replayer | None = None
         self.local_id: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -38,23 +39,35 @@ def default_tracking_uri(cwd: Path | None = None) -> str:
     return f"sqlite:///{(cwd or Path.cwd()).resolve() / EMBEDDED_DB}"
 
 
-def resolve_tracking_uri(tracking_uri: str | None) -> str:
-    """--tracking-uri / MLFLOW_TRACKING_URI as given, else the embedded SQLite store."""
+def resolve_tracking_uri(tracking_uri: str | None, write: bool = False) -> str:
+    """--tracking-uri / MLFLOW_TRACKING_URI as given, else the embedded SQLite store.
+
+    With `write`, a local store must also be creatable (see check_tracking_uri).
+    """
     uri = (tracking_uri or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
-        return default_tracking_uri()
-    check_tracking_uri(uri)
+        uri = default_tracking_uri()
+        if write:
+            check_tracking_uri(uri, write=True)
+        return uri
+    check_tracking_uri(uri, write=write)
     return uri
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Reject URIs MLflow cannot use, with one sentence, before any training starts."""
+def check_tracking_uri(uri: str, write: bool = False) -> None:
+    """Reject URIs MLflow cannot use, with one sentence, before any training starts.
+
+    With `write` (a run will log to it), a local store (sqlite:///, file:, a plain path) must
+    be creatable where it points: MLflow would otherwise fail with a traceback on first use.
+    Nothing is created here (a probe folder at most, removed at once).
+    """
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.lower()
-    if not scheme or (len(scheme) == 1 and sys.platform == "win32"):
-        return  # a plain local path: MLflow's file store
     hint = ("use http://HOST:PORT for a server, sqlite:///PATH.db for a local store, or leave "
             "it unset for ./mlflow.db")
+    if not scheme or (len(scheme) == 1 and sys.platform == "win32"):
+        _check_file_store(uri, Path(uri), write)  # a plain local path: MLflow's file store
+        return
     if scheme.split("+")[0] not in KNOWN_SCHEMES:
         raise UserError(f"tracking URI '{uri}' has an unsupported scheme '{scheme}'; {hint}.")
     if scheme in ("http", "https"):
@@ -66,6 +79,60 @@ def check_tracking_uri(uri: str) -> None:
             raise UserError(f"tracking URI '{uri}' is not a valid server address; {hint}.")
     if scheme == "sqlite" and not uri.startswith("sqlite:///"):
         raise UserError(f"tracking URI '{uri}' is not a valid SQLite URI; {hint}.")
+    if scheme == "sqlite":
+        db = uri[len("sqlite:///"):].split("?", 1)[0]
+        if db and db != ":memory:":
+            _check_local_path(uri, Path(db), want_dir=False, write=write)
+    elif scheme == "file" and parsed.netloc in ("", "localhost"):
+        _check_file_store(uri, Path(urllib.request.url2pathname(parsed.path)), write)
+
+
+LOCAL_HINT = "pass a sqlite:///PATH.db in a folder you can write to, or leave it unset for " \
+    "./mlflow.db"
+
+
+def _check_file_store(uri: str, path: Path, write: bool) -> None:
+    _check_local_path(uri, path, want_dir=True, write=write)
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+    if not MLFLOW_ALLOW_FILE_STORE.get():
+        raise UserError(f"tracking URI '{uri}' is MLflow's file store, which MLflow 3 refuses "
+                        "to open; use sqlite:///PATH.db for a local store (or set "
+                        "MLFLOW_ALLOW_FILE_STORE=true to keep the file store).")
+
+
+def _check_local_path(uri: str, path: Path, want_dir: bool, write: bool) -> None:
+    """The store at `path` (a database file, or a file store's folder) can be opened there."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        if want_dir and not path.is_dir():
+            raise UserError(f"tracking URI '{uri}': '{path}' is a file, not a folder; "
+                            f"{LOCAL_HINT}.")
+        if not want_dir and path.is_dir():
+            raise UserError(f"tracking URI '{uri}': '{path}' is a folder, not a database file; "
+                            f"{LOCAL_HINT}.")
+        if write and not os.access(path, os.R_OK | os.W_OK):
+            raise UserError(f"tracking URI '{uri}': '{path}' is not writable; {LOCAL_HINT}.")
+        if write and not want_dir:
+            _probe_folder(uri, path, path.parent)  # SQLite writes its journal beside the file
+        return
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"tracking URI '{uri}': '{folder}' is a file, not a folder; "
+                        f"{LOCAL_HINT}.")
+    if write:
+        _probe_folder(uri, path, folder)
+
+
+def _probe_folder(uri: str, path: Path, folder: Path) -> None:
+    """Can `path` be created in `folder`? Try it: os.access says yes to root even on /proc."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tinytale-probe-", dir=folder))
+    except OSError as exc:
+        raise UserError(f"tracking URI '{uri}': '{path}' cannot be created in '{folder}' "
+                        f"({exc.strerror or exc}); {LOCAL_HINT}.") from None
 
 
 def _is_http(uri: str) -> bool:
@@ -90,3 +157,4 @@ def server_healthy(uri: str, timeout: float = 2.0) -> bool:
 def _client(uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(uri)  # log_model and register_model use the global URI
     return MlflowClient(uri, registry_uri=uri)
+
