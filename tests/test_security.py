@@ -140,11 +140,12 @@ class Shipped:
                 continue
 
 
-def _spawn(home: Path, password: str | None = None) -> Shipped:
+def _spawn(home: Path, password: str | None = None, **extra: str) -> Shipped:
+    """Start the script in `home`; `extra` environment values may name {port}."""
     port = free_port()
-    extra = {}
+    extra = {k: v.format(port=port) for k, v in extra.items()}
     if password is not None:
-        extra = {"TINYTALE_MLFLOW_AUTH": "1", "TINYTALE_MLFLOW_ADMIN_PASSWORD": password}
+        extra.update(TINYTALE_MLFLOW_AUTH="1", TINYTALE_MLFLOW_ADMIN_PASSWORD=password)
     env = _script_env(home, port, **extra)
     log = open(home / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(

@@ -9,14 +9,28 @@ one with basic auth on, one that answers only the Host header `localhost:PORT`.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import TINY
+from mlflow import MlflowClient
+from test_outage import spool_records
+from test_security import Shipped, _has_auth_extra, _spawn, _wait_healthy, needs_auth_extra
 from typer.testing import CliRunner
 
 from tinytale.cli import app
+from tinytale.mlflow_tracker import SPOOL_NAME, Replayer, Spool, Unreachable, sync_spool
+from tinytale.mlflow_tracker.replay import Refused
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [*TINY, "train.epochs=2", "data.n_stories=24", "train.num_threads=1",
@@ -105,3 +119,322 @@ def test_the_file_store_mlflow_refuses_is_one_sentence(tmp_path: Path) -> None:
     assert result.exit_code == 2, (result.stderr, result.exception)
     assert "file store" in result.stderr and "sqlite:///PATH.db" in result.stderr
     assert files_under(tmp_path) == []
+
+
+# ---- servers that answer but refuse us ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Shipped]]:
+    """docker/mlflow-server.sh twice, in parallel: basic auth on; Host `localhost` only."""
+    started: dict[str, Shipped] = {}
+    try:
+        started["strict"] = _spawn(tmp_path_factory.mktemp("strict-host"),
+                                   MLFLOW_SERVER_ALLOWED_HOSTS="localhost:{port}")
+        if _has_auth_extra():
+            started["auth"] = _spawn(tmp_path_factory.mktemp("auth"),
+                                     password=secrets.token_urlsafe(18))
+        _wait_healthy(list(started.values()))
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def authed(shipped: dict[str, Shipped]) -> Shipped:
+    if "auth" not in shipped:
+        pytest.fail("Flask-WTF is missing: the basic-auth server cannot start")
+    return shipped["auth"]
+
+
+@pytest.fixture(scope="module")
+def strict(shipped: dict[str, Shipped]) -> Shipped:
+    return shipped["strict"]
+
+
+def url(server: Shipped, host: str = "127.0.0.1") -> str:
+    return f"http://{host}:{server.port}"
+
+
+def new_user(server: Shipped) -> tuple[str, str]:
+    """A user of the auth server (created by the admin), with its password."""
+    user, password = f"trainer-{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(18)
+    status, body = server.api("POST", "users/create", {"username": user, "password": password})
+    assert status == 200, body
+    return user, password
+
+
+def set_password(server: Shipped, user: str, password: str) -> None:
+    status, body = server.api("PATCH", "users/update-password",
+                              {"username": user, "password": password})
+    assert status == 200, body
+
+
+def experiment_of(server: Shipped, name: str) -> dict | None:
+    status, body = server.api("GET", f"experiments/get-by-name?experiment_name={name}", {})
+    return body["experiment"] if status == 200 else None
+
+
+@needs_auth_extra
+def test_a_wrong_password_stops_training_before_it_starts(authed: Shipped,
+                                                          tmp_path: Path) -> None:
+    """`tinytale train` with auth on and a wrong password: one sentence, exit 2, no run."""
+    name = f"wrong-pw-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "runs"
+    argv = [sys.executable, "-m", "tinytale", "train", *sets(FAST), "--experiment", name,
+            "--tracking-uri", url(authed), "--out", str(out), "--json"]
+    env = clean_env(MLFLOW_TRACKING_USERNAME="admin",
+                    MLFLOW_TRACKING_PASSWORD="not-" + (authed.password or ""))
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert url(authed) in line and "refused the login of user 'admin'" in line, line
+    assert "MLFLOW_TRACKING_PASSWORD" in line and (authed.password or "?") not in line
+    assert not out.exists(), files_under(out)
+    assert experiment_of(authed, name) is None, "nothing may reach the server"
+
+
+@needs_auth_extra
+def test_no_credentials_at_all_is_one_sentence(authed: Shipped, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["train", *sets(FAST), "--tracking-uri", url(authed),
+                                      "--out", str(tmp_path / "runs")],
+                                env={"MLFLOW_TRACKING_USERNAME": None,
+                                     "MLFLOW_TRACKING_PASSWORD": None})
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    (line,) = result.stderr.strip().splitlines()
+    assert "requires a login" in line and "MLFLOW_TRACKING_USERNAME" in line, line
+    assert files_under(tmp_path) == []
+
+
+def test_a_refused_host_header_stops_training_before_it_starts(strict: Shipped,
+                                                               tmp_path: Path) -> None:
+    name = f"host-{uuid.uuid4().hex[:8]}"
+    result = CliRunner().invoke(app, ["train", *sets(FAST), "--experiment", name,
+                                      "--tracking-uri", url(strict), "--out",
+                                      str(tmp_path / "runs")])
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    (line,) = result.stderr.strip().splitlines()
+    assert f"refuses the Host header '127.0.0.1:{strict.port}'" in line, line
+    assert "allowed hosts" in line
+    assert files_under(tmp_path) == []
+    # The same server under a host name it allows has no such experiment: nothing reached it.
+    assert MlflowClient(url(strict, "localhost")).get_experiment_by_name(name) is None
+
+
+@needs_auth_extra
+def test_no_permission_on_the_experiment_stops_training(authed: Shipped,
+                                                        tmp_path: Path) -> None:
+    """The login is good, but the experiment is the admin's and others may only read it:
+    the run cannot be created, so training does not start, and its spool is removed."""
+    name = f"admins-{uuid.uuid4().hex[:8]}"
+    status, body = authed.api("POST", "experiments/create", {"name": name})
+    assert status == 200, body
+    user, password = new_user(authed)
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["train", *sets(FAST), "--experiment", name,
+                                      "--tracking-uri", url(authed), "--out", str(out)],
+                                env={"MLFLOW_TRACKING_USERNAME": user,
+                                     "MLFLOW_TRACKING_PASSWORD": password})
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"denied user '{user}' permission (HTTP 403)" in last, result.stderr
+    assert not out.exists(), files_under(out)
+    status, body = authed.api("POST", "runs/search", {"experiment_ids": [body["experiment_id"]]})
+    assert status == 200 and not body.get("runs"), body
+
+
+# ---- refusals mid-run: records stay spooled, sync sends them once -------------------------------
+
+
+def acked(path: Path) -> int:
+    """The spool's acknowledged seq: every record up to it is on the server."""
+    return max((r["upto"] for r in spool_records(path) if r.get("op") == "ack"), default=0)
+
+
+def write_open(spool: Spool, experiment: str) -> None:
+    spool.append({"op": "open", "ts": int(time.time() * 1000), "experiment": experiment,
+                  "run_name": "refusals", "tags": {}, "local_id": uuid.uuid4().hex})
+
+
+def write_metrics(spool: Spool, steps: range) -> None:
+    for step in steps:
+        spool.append({"op": "m", "step": step, "ts": int(time.time() * 1000),
+                      "metrics": {"loss": 1.0 / step}})
+
+
+def push_until_refused(replayer: Replayer, tries: int = 5) -> Refused:
+    """Push a few times (more than the tries after which an invalid record is skipped)."""
+    for _ in range(tries):
+        with pytest.raises(Refused) as caught:
+            replayer.push()
+    return caught.value
+
+
+@needs_auth_extra
+def test_a_login_refused_mid_run_keeps_every_record(
+    authed: Shipped, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay level: records pushed while the login is refused stay unsent, however often
+    they are tried, and a sync with good credentials sends them, once."""
+    user, password = new_user(authed)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    path = tmp_path / SPOOL_NAME
+    spool = Spool(path)
+    write_open(spool, f"revoked-{uuid.uuid4().hex[:8]}")
+    write_metrics(spool, range(1, 4))
+    replayer = Replayer(spool, url(authed))
+    assert replayer.push()
+    run_id = replayer.run_id
+    assert run_id and acked(path) == 4
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "revoked-" + password)
+    write_metrics(spool, range(4, 8))
+    spool.append({"op": "end", "status": "FINISHED", "ts": int(time.time() * 1000)})
+    refused = push_until_refused(replayer)
+    assert f"refused the login of user '{user}' (HTTP 401)" in refused.what
+    assert acked(path) == 4 and len(replayer.pending()) == 5, "a refused record was sent"
+    spool.close()
+
+    with pytest.raises(Exception, match="refused the login") as failed:
+        sync_spool(path)
+    assert "5 records stay" in str(failed.value)
+    assert acked(path) == 4
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    result = sync_spool(path)
+    assert result["run_id"] == run_id and result["complete"] and result["metrics_sent"] == 4
+    client = MlflowClient(url(authed))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 8))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sync_spool(path)["records_sent"] == 0
+
+
+def test_a_refused_host_header_keeps_every_record(strict: Shipped, tmp_path: Path) -> None:
+    """Replay level, 403: nothing is sent to a host the server refuses, and the spool goes
+    to the same server under an allowed host name later, each metric once."""
+    path = tmp_path / SPOOL_NAME
+    spool = Spool(path)
+    name = f"host-{uuid.uuid4().hex[:8]}"
+    write_open(spool, name)
+    write_metrics(spool, range(1, 6))
+    refused = push_until_refused(Replayer(spool, url(strict)))
+    assert "Host header" in refused.what and "HTTP 403" in refused.what
+    assert acked(path) == 0
+    spool.close()
+
+    result = sync_spool(path, url(strict, "localhost"))
+    assert result["complete"] and result["metrics_sent"] == 5
+    client = MlflowClient(url(strict, "localhost"))
+    assert sorted(m.step for m in client.get_metric_history(result["run_id"], "loss")) == \
+        [1, 2, 3, 4, 5]
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.info.run_id == result["run_id"]
+
+
+def test_only_the_invalid_record_of_a_batch_is_skipped(
+    mlflow_server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A metric the server rejects as invalid is dropped, with a warning, after a few tries;
+    the good metrics sent in the same batch are not dropped with it."""
+    path = tmp_path / SPOOL_NAME
+    spool = Spool(path)
+    write_open(spool, f"invalid-{uuid.uuid4().hex[:8]}")
+    write_metrics(spool, range(1, 3))
+    bad = spool.append({"op": "m", "step": 3, "ts": int(time.time() * 1000),
+                        "metrics": {"loss": 0.3, "no?such*key": 1.0}})
+    write_metrics(spool, range(4, 6))
+    replayer = Replayer(spool, mlflow_server.url)
+    with caplog.at_level(logging.WARNING, logger="tinytale.mlflow"):
+        for _ in range(10):
+            try:
+                if replayer.push():
+                    break
+            except Unreachable:
+                continue
+    assert not replayer.pending()
+    history = MlflowClient(mlflow_server.url).get_metric_history(replayer.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 4, 5]
+    assert f"spool record {bad['seq']}" in caplog.text and "skipping it" in caplog.text
+    spool.close()
+
+
+@needs_auth_extra
+def test_a_password_changed_mid_run_then_sync(
+    authed: Shipped, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole story: `tinytale train` logs as a user whose password the admin changes
+    after epoch 1 reached the server. Training finishes (exit 0) and says what is pending;
+    `tinytale sync RUN_DIR` with the new password sends the rest, each epoch once.
+
+    The trainer is frozen (SIGSTOP) while the password changes, so that epochs are still to
+    come after it however fast this machine trains (as in test_outage.py).
+    """
+    user, password = new_user(authed)
+    name = f"rotated-{uuid.uuid4().hex[:8]}"
+    epochs = 20  # of the whole lesson corpus: long enough to be cut in the middle
+    out = tmp_path / "runs"
+    env = clean_env(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password,
+                    TINYTALE_TRACKING_FLUSH_S="0.2")
+    overrides = [*TINY, f"train.epochs={epochs}", "train.num_threads=1",
+                 "tracking.system_metrics=false", f"tracking.registered_model={name}"]
+    argv = [str(Path(sys.executable).with_name("tinytale")), "train", *sets(overrides),
+            "--experiment", name, "--tracking-uri", url(authed), "--out", str(out), "--json"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # until epoch 1 is on the server
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "epoch 1 never reached the server"
+            found = list(out.rglob(SPOOL_NAME))
+            if found:
+                recs = spool_records(found[0])
+                epoch_seqs = [r["seq"] for r in recs
+                              if r.get("op") == "m" and "val_loss" in r["metrics"]]
+                if epoch_seqs and acked(found[0]) >= epoch_seqs[0]:
+                    break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            assert len(epoch_seqs) + 2 <= epochs, "the run all but finished before the change"
+            set_password(authed, user, new_password := secrets.token_urlsafe(18))
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    run_dir = Path(summary["run_dir"])
+    assert summary["run_id"] and summary["registration"] == "pending", summary
+    refusals = [line for line in stderr.splitlines() if "refused the login" in line]
+    assert len(refusals) == 2, stderr[-3000:]  # the warning, once, and the final word
+    assert f"tinytale sync {run_dir}" in refusals[-1] and "wait in" in refusals[-1]
+    spool = run_dir / SPOOL_NAME
+    pending = [r for r in spool_records(spool) if r.get("seq", 0) > acked(spool)]
+    assert any(r["op"] == "m" and "val_loss" in r["metrics"] for r in pending), \
+        "no epoch was refused: the password changed too late to test anything"
+    assert any(r["op"] == "end" for r in pending) and any(r["op"] == "model" for r in pending)
+
+    sync = [str(Path(sys.executable).with_name("tinytale")), "sync", str(run_dir), "--json"]
+    done = subprocess.run(sync, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "refused the login" in done.stderr and acked(spool) < pending[-1]["seq"]
+
+    env["MLFLOW_TRACKING_PASSWORD"] = new_password
+    done = subprocess.run(sync, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["complete"] and result["run_id"] == summary["run_id"]
+    assert result["registered_version"] == "1"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", new_password)
+    client = MlflowClient(url(authed))
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    for key in ("train_loss", "val_loss"):
+        steps = sorted(m.step for m in client.get_metric_history(summary["run_id"], key))
+        assert steps == list(range(1, epochs + 1)), (key, steps)

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tinytale.errors import UserError
-from tinytale.mlflow_tracker.replay import Replayer, Unreachable
+from tinytale.mlflow_tracker.replay import Refused, Replayer, Unreachable
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool, _public
 from tinytale.mlflow_tracker.uris import (
     _client,
@@ -57,10 +57,15 @@ def sync_spool(spool_path: Path, tracking_uri: str | None = None) -> dict[str, A
         before = len(replayer.pending())
         try:
             done = replayer.push()
+        except Refused as exc:
+            raise UserError(f"{exc.what}, so {len(replayer.pending())} records stay in "
+                            f"{spool_path}; {exc.fix}, then run `tinytale sync` again.") \
+                from None
         except Unreachable as exc:
-            raise UserError(f"MLflow at {uri} is unreachable ({str(exc)[:150]}); "
-                            f"{len(replayer.pending())} records stay spooled, run `tinytale "
-                            "sync` again when the server is up.") from None
+            raise UserError(f"MLflow at {uri} did not take the spooled records "
+                            f"({str(exc)[:150]}); {len(replayer.pending())} records stay "
+                            "spooled, run `tinytale sync` again when the server is up.") \
+                from None
         result: dict[str, Any] = {
             "run_id": replayer.run_id, "tracking_uri": uri, "records_sent": before,
             "metrics_sent": replayer.pushed_metrics, "complete": done, "spool": str(spool_path),

@@ -11,28 +11,46 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_STATE
 
 from tinytale.errors import UserError
 from tinytale.mlflow_tracker.pyfunc import log_and_register
 from tinytale.mlflow_tracker.spool import Spool
-from tinytale.mlflow_tracker.uris import EMBEDDED_ARTIFACTS, _client, _is_embedded, server_healthy
+from tinytale.mlflow_tracker.uris import (
+    EMBEDDED_ARTIFACTS,
+    _client,
+    _is_embedded,
+    access_refusal,
+    server_healthy,
+)
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limits
 MAX_BATCH_PARAMS = 100
 MAX_BATCH_TAGS = 100
-MAX_PERMANENT_FAILURES = 3  # a record the server definitely refuses is skipped after this
+MAX_PERMANENT_FAILURES = 3  # a record the server rejects as invalid is skipped after this
 
 log = logging.getLogger("tinytale.mlflow")
 
 
 class Unreachable(Exception):
-    """The tracking server did not answer; the spool keeps everything for later."""
+    """The tracking server did not take the records yet; the spool keeps them for later."""
+
+
+class Refused(Unreachable):
+    """The server answers but refuses us (HTTP 401/403): kept for later, like an outage, but
+    it takes a person to fix (`what` says what was refused, `fix` how)."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what}; {fix}")
+        self.what, self.fix = what, fix
 
 
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
                    "DEADLINE_EXCEEDED"}
+# The only answers that let a record be dropped: the record itself is invalid (a bad metric
+# or param value; INVALID_STATE: a deleted run, a checkpoint gone), so it can never pass.
+INVALID_DATA_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "MALFORMED_REQUEST",
+                      "INVALID_STATE"}
 
 
 def _transient(exc: BaseException, uri: str) -> bool:
@@ -49,6 +67,13 @@ def _transient(exc: BaseException, uri: str) -> bool:
     return "database is locked" in text or "busy" in text
 
 
+def _invalid(rec: dict[str, Any], exc: BaseException) -> bool:
+    """May the record be dropped? Only when the server says the record itself is invalid;
+    never the run's `open`, which every later record needs."""
+    return rec["op"] != "open" and isinstance(exc, MlflowException) and \
+        str(exc.error_code) in INVALID_DATA_CODES
+
+
 class Replayer:
     """Brings the server up to date with a spool, in order; callable again after a failure."""
 
@@ -63,6 +88,7 @@ class Replayer:
         self.sent: set[tuple[str, int]] = set()
         self.checked_keys: set[str] = set()
         self.failures: dict[int, int] = {}
+        self.suspects: set[int] = set()  # metric records of a rejected batch: send one by one
         self.lock = threading.RLock()
         self.pushed_metrics = 0
         by_seq: dict[int, dict[str, Any]] = {}
@@ -126,20 +152,27 @@ class Replayer:
                 if rec["op"] == "m":
                     j = i
                     count = 0
-                    while j < len(pending) and pending[j]["op"] == "m" and \
+                    most = 1 if rec["seq"] in self.suspects else len(pending)
+                    while j < len(pending) and j - i < most and pending[j]["op"] == "m" and \
                             count + len(pending[j]["metrics"]) <= MAX_BATCH_METRICS:
                         count += len(pending[j]["metrics"])
                         j += 1
                     j = max(j, i + 1)
-                    self._guarded(pending[j - 1], self._send_metrics, client, pending[i:j])
+                    self._guarded(pending[i:j], self._send_metrics, client, pending[i:j])
                     i = j
                     continue
-                self._guarded(rec, self._apply, client, rec)
+                self._guarded([rec], self._apply, client, rec)
                 i += 1
             return not self.pending()
 
-    def _guarded(self, last: dict[str, Any], action: Any, *args: Any) -> None:
-        """Run one send; ack `last` on success, classify a failure (away / refused)."""
+    def _guarded(self, recs: list[dict[str, Any]], action: Any, *args: Any) -> None:
+        """Run one send of `recs`; ack them on success, classify a failure.
+
+        Only an acknowledged record counts as sent. A failure is an outage or a busy server
+        (Unreachable), a refusal of our login, permission or Host header (Refused), or a
+        definite answer about the records; of those only an invalid record is ever skipped.
+        """
+        last = recs[-1]
         try:
             action(*args)
         except Unreachable:
@@ -149,17 +182,28 @@ class Replayer:
             raise  # e.g. a deleted experiment: the user must act
         except Exception as exc:
             self._doubt()  # the server may have taken part of it
+            why = (str(exc).splitlines() or [type(exc).__name__])[0]
+            refusal = access_refusal(exc, self.uri)
+            if refusal is not None:
+                raise Refused(*refusal) from exc
             if _transient(exc, self.uri):
-                raise Unreachable(str(exc).splitlines()[0][:300]) from exc
-            # The server answers but refused: retry a few times, then skip the record.
+                raise Unreachable(why[:300]) from exc
             seq = last["seq"]
-            self.failures[seq] = self.failures.get(seq, 0) + 1
             log.debug("spool record %s failed", seq, exc_info=True)
+            if not _invalid(last, exc):
+                raise Unreachable(f"MLflow did not take spool record {seq} ({last['op']}): "
+                                  f"{why[:200]}; it stays spooled") from exc
+            if len(recs) > 1:  # one bad metric must not take a whole batch down with it
+                self.suspects.update(r["seq"] for r in recs)
+                raise Unreachable(f"MLflow rejected a batch of metrics ({why[:200]}); "
+                                  "resending it record by record") from exc
+            # The record itself is invalid: retry a few times, then skip it.
+            self.failures[seq] = self.failures.get(seq, 0) + 1
             if self.failures[seq] < MAX_PERMANENT_FAILURES:
-                raise Unreachable(f"MLflow refused spool record {seq} ({last['op']}): "
-                                  f"{str(exc).splitlines()[0][:200]}; will retry") from exc
-            log.warning("MLflow rejected spool record %s (%s): %s; skipping it", seq,
-                        last["op"], str(exc).splitlines()[0][:300])
+                raise Unreachable(f"MLflow rejected spool record {seq} ({last['op']}): "
+                                  f"{why[:200]}; will retry") from exc
+            log.warning("MLflow rejected spool record %s (%s) as invalid: %s; skipping it",
+                        seq, last["op"], why[:300])
             self._ack(seq)
             return
         self._ack(last["seq"])
@@ -167,9 +211,9 @@ class Replayer:
     # -- operations ----------------------------------------------------------------
 
     def _require_run(self) -> str:
-        if self.run_id is None:
-            raise MlflowException("spool has no run to log to (its open record was refused)",
-                                  error_code=INVALID_STATE)
+        if self.run_id is None:  # kept, never dropped: a later replay creates the run first
+            raise Unreachable("the spool has no run on the server yet (its open record was "
+                              "not accepted)")
         return self.run_id
 
     def _apply(self, client: MlflowClient, rec: dict[str, Any]) -> None:

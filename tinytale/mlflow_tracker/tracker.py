@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tinytale.errors import UserError
-from tinytale.mlflow_tracker.replay import Replayer, Unreachable
+from tinytale.mlflow_tracker.replay import Refused, Replayer, Unreachable
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool, _public
 from tinytale.mlflow_tracker.system_metrics import _system_monitor
-from tinytale.mlflow_tracker.uris import resolve_tracking_uri
+from tinytale.mlflow_tracker.uris import check_access, resolve_tracking_uri
 from tinytale.tracking import RunInfo, Tracker
 
 log = logging.getLogger("tinytale.mlflow")
@@ -40,8 +41,14 @@ class MlflowTracker(Tracker):
     """Tracker that spools locally and replays to MLflow on a background thread."""
 
     def __init__(self, config: Any, tracking_uri: str | None = None):
+        """Checks the URI, and a server's answer to our login, before anything is trained.
+
+        Raises UserError for a URI MLflow cannot use and for a server that answers but
+        refuses us (401/403); an unreachable server is fine (the spool keeps the run).
+        """
         self.config = config
         self.uri = resolve_tracking_uri(tracking_uri, write=True)
+        check_access(self.uri, config.tracking.experiment)
         self.spool: Spool | None = None
         self.replayer: Replayer | None = None
         self.local_id: str | None = None
@@ -50,7 +57,7 @@ class MlflowTracker(Tracker):
         self._monitor: Any = None
         self._best: tuple[float, int] = (math.inf, 0)
         self._last_epoch = 0
-        self._warned = False
+        self._warned: set[str] = set()
         self._nonfinite = 0
         self._tmpdir: str | None = None
 
@@ -67,6 +74,7 @@ class MlflowTracker(Tracker):
         if local_dir is None:
             self._tmpdir = tempfile.mkdtemp(prefix="tinytale-spool-")
             local_dir = Path(self._tmpdir)
+        made = _missing_folders(Path(local_dir))
         self.spool = Spool(Path(local_dir) / SPOOL_NAME)
         self.replayer = Replayer(self.spool, self.uri)
         opened = self.spool.first("open")
@@ -93,9 +101,17 @@ class MlflowTracker(Tracker):
             self._restore_progress()
         try:
             self.replayer.push()
+        except Refused as exc:
+            if self.replayer.run_id is not None:
+                self._warn(exc)  # the run is on the server: go on as mid-run
+            else:  # nothing of this run reached the server: do not train at all
+                self._undo_start(resumed=opened is not None, made=made)
+                raise UserError(f"{exc.what}; {exc.fix}.") from None
         except Unreachable as exc:
-            self._warn_offline(str(exc))
-        except UserError:
+            self._warn(exc)
+        except UserError:  # e.g. a deleted experiment: the user must act first
+            if self.replayer.run_id is None:
+                self._undo_start(resumed=opened is not None, made=made)
             raise
         if self.config.tracking.system_metrics:
             try:
@@ -111,6 +127,27 @@ class MlflowTracker(Tracker):
                                         daemon=True)
         self._thread.start()
         return self.run_id
+
+    def _undo_start(self, resumed: bool, made: list[Path]) -> None:
+        """Leave the disk as start() found it, so that a later run is not confused by this one.
+
+        A resumed run's spool keeps its records; the status it had is logged again after the
+        `reopen`, so a later sync does not leave the run RUNNING.
+        """
+        spool, self.spool = self.spool, None  # finish() then has nothing to do
+        if resumed:
+            ends = [r for r in spool.records if r.get("op") == "end"]
+            if ends:
+                spool.append({"op": "end", "status": ends[-1]["status"], "ts": _now_ms()})
+            spool.close()
+            return
+        spool.close()
+        spool.path.unlink(missing_ok=True)
+        for folder in made:  # deepest first; only the folders Spool created, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def _restore_progress(self) -> None:
         """Best val loss and last epoch so far, from the metrics an earlier process spooled."""
@@ -130,17 +167,28 @@ class MlflowTracker(Tracker):
             try:
                 self.replayer.push(include_models=False)
                 delay = interval
+            except Refused as exc:
+                self._warn(exc)
+                delay = interval  # a person must act: no point in asking faster
             except Unreachable as exc:
-                self._warn_offline(str(exc))
+                self._warn(exc)
                 delay = min(interval, 2.0)
             except Exception as exc:  # never let the logger thread die silently
                 log.warning("MLflow logging error: %s", exc)
                 delay = interval
 
-    def _warn_offline(self, why: str) -> None:
-        if not self._warned:
-            self._warned = True
-            print(f"warning: cannot log to MLflow at {self.uri} ({why[:200]}); training "
+    def _warn(self, exc: Unreachable) -> None:
+        """Once per kind (outage, refusal): training goes on, the spool keeps everything."""
+        kind = "refused" if isinstance(exc, Refused) else "offline"
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        if isinstance(exc, Refused):
+            print(f"warning: {exc.what}; training goes on and every record stays in "
+                  f"{self.spool.path}, unsent until that is fixed: {exc.fix}, then run "
+                  f"`tinytale sync {self.spool.path.parent}`.", file=sys.stderr, flush=True)
+        else:
+            print(f"warning: cannot log to MLflow at {self.uri} ({str(exc)[:200]}); training "
                   f"goes on and everything is kept in {self.spool.path}, to be sent when the "
                   "server is back (or by `tinytale sync`).", file=sys.stderr, flush=True)
 
@@ -192,7 +240,7 @@ class MlflowTracker(Tracker):
         try:
             self.replayer.push()
         except Unreachable as exc:
-            self._warn_offline(str(exc))
+            self._warn(exc)
         out: dict[str, Any] = {"tracking_uri": self.uri}
         if self.replayer.run_id:
             out["run_id"] = self.replayer.run_id
@@ -222,27 +270,44 @@ class MlflowTracker(Tracker):
         if self._thread is not None:
             self._thread.join()
         deadline = time.monotonic() + finish_wait_s()
+        why = "unreachable"
         while True:
             try:
                 if self.replayer.push():
                     break
+            except Refused as exc:  # waiting will not help: say what to do, and stop here
+                print(f"warning: {exc.what}; {len(self.replayer.pending())} records of this "
+                      f"run wait in {self.spool.path}, unsent; {exc.fix}, then send them with "
+                      f"`tinytale sync {self.spool.path.parent}`.", file=sys.stderr,
+                      flush=True)
+                break
             except Unreachable as exc:
-                self._warn_offline(str(exc))
+                self._warn(exc)
+                why = str(exc)
             except Exception as exc:  # the run is over: keep the spool, never crash here
                 print(f"warning: MLflow logging failed ({str(exc)[:300]}); the spool "
                       f"{self.spool.path} keeps everything for `tinytale sync`.",
                       file=sys.stderr, flush=True)
                 break
             if time.monotonic() >= deadline:
-                print(f"warning: MLflow at {self.uri} is still unreachable; "
-                      f"{len(self.replayer.pending())} spooled records wait in "
-                      f"{self.spool.path}; send them with `tinytale sync "
+                print(f"warning: MLflow at {self.uri} has not taken the last "
+                      f"{len(self.replayer.pending())} spooled records ({why[:200]}); they "
+                      f"wait in {self.spool.path}; send them with `tinytale sync "
                       f"{self.spool.path.parent}`.", file=sys.stderr, flush=True)
                 break
             time.sleep(1.0)
         self.spool.close()
         if self._tmpdir and not self.replayer.pending():
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _now_ms() -> int:

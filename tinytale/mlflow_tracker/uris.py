@@ -158,3 +158,67 @@ def _client(uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(uri)  # log_model and register_model use the global URI
     return MlflowClient(uri, registry_uri=uri)
 
+
+# Error codes MLflow gives a 401 or 403 answer (mlflow.exceptions.ERROR_CODE_TO_HTTP_STATUS).
+ACCESS_CODES = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}
+LOGIN_VARS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+
+
+def access_refusal(exc: BaseException, uri: str) -> tuple[str, str] | None:
+    """(what the server refused, the fix) when it answered 401 or 403; None otherwise.
+
+    Such an answer is no outage and no bad record: the server refuses *us* (login, permission
+    or Host header), and it refuses every record alike until a person fixes that.
+    """
+    status, text = _refused_status(exc)
+    if status is None:
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    if status == 403 and "host header" in text.lower():
+        host = urllib.parse.urlparse(uri).netloc.rsplit("@", 1)[-1]
+        return (f"MLflow at {uri} refuses the Host header '{host}' (HTTP 403)",
+                f"add '{host}' to the server's allowed hosts (MLFLOW_SERVER_ALLOWED_HOSTS, "
+                "`mlflow server --allowed-hosts`) or use a host name it allows")
+    if status == 401 and not user:
+        return (f"MLflow at {uri} requires a login and none was given (HTTP 401)",
+                f"set {LOGIN_VARS} to an account of that server")
+    if status == 401:
+        return (f"MLflow at {uri} refused the login of user '{user}' (HTTP 401)",
+                f"set {LOGIN_VARS} to an account of that server")
+    who = f"user '{user}'" if user else "this client"
+    return (f"MLflow at {uri} denied {who} permission (HTTP 403)",
+            "have the server's admin grant it EDIT on the experiment, or log in as another "
+            f"user with {LOGIN_VARS}")
+
+
+def _refused_status(exc: BaseException) -> tuple[int | None, str]:
+    """401/403 and the answer's text, from an MlflowException or a requests error (artifact
+    uploads), looking through the exceptions it was raised from."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            break
+        code = str(getattr(seen, "error_code", "") or "")
+        if code in ACCESS_CODES:
+            return ACCESS_CODES[code], str(seen)
+        status = getattr(getattr(seen, "response", None), "status_code", None)
+        if status in (401, 403):
+            return status, f"{getattr(seen.response, 'text', '')} {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None, ""
+
+
+def check_access(uri: str, experiment: str) -> None:
+    """Refuse to train against a server that answers but refuses us (401/403): one sentence.
+
+    A server that does not answer is an outage, not an error: the spool keeps the run.
+    """
+    if not _is_http(uri) or not server_healthy(uri):
+        return
+    try:
+        _client(uri).get_experiment_by_name(experiment)
+    except Exception as exc:
+        refusal = access_refusal(exc, uri)
+        if refusal is not None:
+            raise UserError(f"{refusal[0]}; {refusal[1]}.") from None
+        # Anything else is the replayer's to retry or to report.
