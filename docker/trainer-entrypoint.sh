@@ -7,15 +7,20 @@
 set -eu
 file=${MLFLOW_TRACKING_PASSWORD_FILE:-}
 if [ -z "${MLFLOW_TRACKING_PASSWORD:-}" ] && [ -n "$file" ]; then
-    if [ ! -r "$file" ]; then
+    if [ -f "$file" ] && [ ! -s "$file" ]; then
+        # Empty: nothing to read. Compose's default docker/no-secret may be unreadable to this
+        # uid where the checkout was made under a strict umask (077); auth is off then anyway.
+        :
+    elif [ ! -r "$file" ]; then
         echo "tinytale-entrypoint: ERROR: MLFLOW_TRACKING_PASSWORD_FILE='$file' is not readable" \
             "by uid $(id -u)" >&2
         exit 2
-    fi
-    password=$(cat "$file")
-    if [ -n "$password" ]; then
-        MLFLOW_TRACKING_PASSWORD=$password
-        export MLFLOW_TRACKING_PASSWORD
+    else
+        password=$(cat "$file")
+        if [ -n "$password" ]; then
+            MLFLOW_TRACKING_PASSWORD=$password
+            export MLFLOW_TRACKING_PASSWORD
+        fi
     fi
 fi
 unset MLFLOW_TRACKING_PASSWORD_FILE file password

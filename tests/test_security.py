@@ -530,6 +530,32 @@ def test_the_trainer_entrypoint_reads_the_password_file(tmp_path: Path) -> None:
     assert done.returncode == 2 and "not readable" in done.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the entrypoint as another uid")
+def test_an_empty_secret_file_needs_no_reading() -> None:
+    """A checkout made under umask 077 leaves compose's empty default secret unreadable to the
+    containers' uid: with auth off that must not stop the trainer; a real secret still must."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    try:
+        folder.chmod(0o755)
+        empty, secret = folder / "no-secret", folder / "pw"
+        empty.write_text("")
+        secret.write_text("from-a-file-123\n")
+        for f in (empty, secret):
+            f.chmod(0o600)  # owned by root: unreadable to uid 65534
+        entrypoint = ["sh", str(REPO / "docker" / "trainer-entrypoint.sh"), "true"]
+        run = lambda f: subprocess.run(  # noqa: E731
+            entrypoint, env={"PATH": os.environ["PATH"], "MLFLOW_TRACKING_PASSWORD_FILE": str(f)},
+            capture_output=True, text=True, user=65534, group=65534, cwd=folder)
+        assert run(empty).returncode == 0, run(empty).stderr
+        refused = run(secret)
+        assert refused.returncode == 2 and "not readable" in refused.stderr
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # ---- compose and images, statically -------------------------------------------------------
 
 
