@@ -417,17 +417,19 @@ def test_sweep_against_an_unreachable_server_is_one_sentence(tmp_path, base):
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
-@pytest.mark.parametrize("host, refusal", [("127.0.0.1", "asks for credentials (401"),
-                                           ("localhost", "refused the request (403")])
+@pytest.mark.parametrize(("host", "refusal", "fix"), [
+    ("127.0.0.1", "requires a login and none was given (HTTP 401)", "MLFLOW_TRACKING_USERNAME"),
+    ("localhost", "refuses the Host header", "allowed hosts"),
+])
 def test_sweep_refused_by_the_server_is_one_sentence(refusing_server, no_credentials,  # noqa: F811
-                                                     tmp_path, base, host, refusal):
+                                                     tmp_path, base, host, refusal, fix):
     uri = f"http://{host}:{refusing_server}"
     sweep = write(tmp_path, {"name": "s", "base": "base.yaml", "points": [{"model.dropout": 0.1}]})
     result = runner.invoke(app, ["sweep", str(sweep), "--tracking-uri", uri,
                                  "--out", str(tmp_path / "runs")])
     assert result.exit_code == 2, result.output
-    assert result.stderr.startswith(f"error: the MLflow server at {uri} {refusal}")
-    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: MLflow at {uri} {refusal}")
+    assert result.stderr.count("\n") == 1 and fix in result.stderr
 
 
 def test_bad_sweep_file_exits_2(tmp_path):

@@ -52,19 +52,14 @@ def server_problem(uri: str, exc: Exception) -> str | None:
     """
     from mlflow.exceptions import MlflowException
 
-    from tinytale.mlflow_tracker.uris import server_healthy
+    from tinytale.mlflow_tracker.uris import access_refusal, server_healthy
 
     if not isinstance(exc, MlflowException) or not uri.startswith(("http://", "https://")):
         return None
-    status = exc.get_http_status_code()
-    if status == 401:
-        return (f"the MLflow server at {uri} asks for credentials (401 Unauthorized); set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that "
-                "server (the stack's admin user and password).")
-    if status == 403:
-        return (f"the MLflow server at {uri} refused the request (403 Forbidden); use a user "
-                "with permission in MLFLOW_TRACKING_USERNAME, and an address the server "
-                "accepts as its host (its allowed hosts, MLFLOW_SERVER_ALLOWED_HOSTS).")
+    refusal = access_refusal(exc, uri)
+    if refusal is not None:
+        what, fix = refusal
+        return f"{what}; {fix}."
     if not server_healthy(uri):
         return (f"cannot reach the MLflow server at {uri}; start it (`docker compose up -d "
                 "mlflow`, or `mlflow server`) or pass its address with --tracking-uri.")
