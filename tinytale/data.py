@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tinytale import distributed
 from tinytale.errors import UserError
 from tinytale.tokenizer import Tokenizer
 
@@ -156,6 +157,7 @@ def build_data(
     stride: int | None = None,
     batch_size: int = 1,
     grad_accum_steps: int = 1,
+    world_size: int | None = None,
 ) -> DataBundle:
     train_stories, val_stories = split_stories(stories, val_fraction, seed)
     if train_fraction < 1.0:
@@ -163,26 +165,45 @@ def build_data(
     return windows_from_tokens(
         tokenizer, encode_stories(tokenizer, train_stories),
         encode_stories(tokenizer, val_stories), len(train_stories), len(val_stories),
-        block_size, stride, batch_size, grad_accum_steps,
+        block_size, stride, batch_size, grad_accum_steps, world_size,
     )
+
+
+def optimizer_steps_per_epoch(n_windows: int, block_size: int, batch_size: int,
+                              grad_accum_steps: int, world_size: int) -> int:
+    """Optimizer steps in one epoch of `n_windows` windows; refuses a setting that makes none.
+
+    Every process takes `batch_size` windows per micro-batch, so one step consumes
+    `batch_size x grad_accum_steps x world_size` windows; leftovers are dropped.
+    """
+    needed = batch_size * grad_accum_steps * world_size
+    if n_windows < needed:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        fewer = " or fewer processes" if world_size > 1 else ""
+        raise DataError(
+            f"the training split has {n_windows} windows of {block_size + 1} tokens, fewer "
+            f"than one optimizer step needs (train.batch_size {batch_size} x "
+            f"train.grad_accum_steps {grad_accum_steps}{processes} = {needed}), so an epoch "
+            f"would train nothing; use a larger corpus, a smaller model.block_size, a smaller "
+            f"batch{fewer}."
+        )
+    return n_windows // needed
 
 
 def windows_from_tokens(
     tokenizer: Tokenizer, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
     n_train_stories: int, n_val_stories: int, block_size: int, stride: int | None,
-    batch_size: int, grad_accum_steps: int,
+    batch_size: int, grad_accum_steps: int, world_size: int | None = None,
 ) -> DataBundle:
-    """Cut both token streams into windows; refuse sizes that cannot train or validate."""
+    """Cut both token streams into windows; refuse sizes that cannot train or validate.
+
+    `world_size` is the number of training processes (None: torchrun's WORLD_SIZE, else 1).
+    """
     train = TokenWindows(train_tokens, block_size, stride or block_size)
     val = TokenWindows(val_tokens, block_size, block_size)
-    needed = batch_size * grad_accum_steps
-    if len(train) < needed:
-        raise DataError(
-            f"the training split has {len(train.tokens)} tokens, giving {len(train)} windows of "
-            f"{block_size + 1} tokens, fewer than one optimizer step needs "
-            f"(train.batch_size x train.grad_accum_steps = {needed}); use a larger corpus, "
-            "a smaller model.block_size or a smaller batch."
-        )
+    if world_size is None:
+        world_size = distributed.from_env().world_size
+    optimizer_steps_per_epoch(len(train), block_size, batch_size, grad_accum_steps, world_size)
     if len(val) < 1:
         raise DataError(
             f"the validation split has {len(val.tokens)} tokens, fewer than one window of "

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tinytale.checkpoint import BEST, LAST, CheckpointWriter, capture_rng, restore_rng
 from tinytale.config import TrainConfig
-from tinytale.data import DataBundle, eval_loader, train_loader
+from tinytale.data import DataBundle, eval_loader, optimizer_steps_per_epoch, train_loader
 from tinytale.distributed import Dist
 from tinytale.errors import UserError
 from tinytale.model import GPT, param_groups
@@ -202,6 +202,10 @@ def fit(
     """
     stop = stop if stop is not None else StopRequest()
     d = dist or Dist()
+    accum = cfg.grad_accum_steps
+    # Before anything trains: a setting that leaves an epoch without a step is a UserError.
+    steps_per_epoch = optimizer_steps_per_epoch(len(data.train), data.train.block_size,
+                                                cfg.batch_size, accum, d.world_size)
     extra = checkpoint_extra or {}
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -225,8 +229,6 @@ def fit(
     if d.enabled:
         step_model = DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
-    accum = cfg.grad_accum_steps
-    steps_per_epoch = len(data.train) // (cfg.batch_size * d.world_size) // accum
     micro_per_epoch = steps_per_epoch * accum
     total_steps = steps_per_epoch * cfg.epochs
     eval_bs = cfg.eval_batch_size or 4 * cfg.batch_size
