@@ -137,11 +137,26 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         return torch.optim.AdamW(groups, **kwargs)
 
 
-# Dense bf16 peak FLOP/s of common accelerators, for model FLOPs utilisation (MFU).
+# Peak bf16 tensor-core FLOP/s of one device, dense (the vendors' datasheets halved where
+# they quote "with sparsity"), for model FLOPs utilisation (MFU). Keys are matched against
+# torch.cuda.get_device_name(), the longest key found in the name first, so "H100 PCIe"
+# (756 TFLOP/s) is not taken for an H100 SXM (989), nor "L40S" (362) or "L40" (181) for an
+# "L4" (121), nor an A10G (~70, AWS) for an A10 (125). V100 and T4 have no bf16 tensor
+# cores: they are left out, so no MFU is reported rather than a wrong one.
 PEAK_BF16_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-    "A10": 125e12, "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12,
+    "H200": 989e12, "H200 NVL": 835e12,
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+    "A100": 312e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10": 125e12, "A10G": 70e12,
+    "RTX 4090": 165e12,
 }
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s for a CUDA device name, or None when it is not in the table."""
+    found = [key for key in PEAK_BF16_FLOPS if key in device_name]
+    return PEAK_BF16_FLOPS[max(found, key=len)] if found else None
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
@@ -150,8 +165,7 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
