@@ -390,7 +390,8 @@ def fit(
             "epoch_time_s": epoch_time,
         }
         if peak:
-            metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / peak
+            # Per device: tokens_per_sec counts every rank's tokens, peak is one device's.
+            metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / (peak * d.world_size)
         state.history.append({"epoch": epoch, **metrics})
         state.train_time_s += epoch_time
         improved = val_loss < state.best_val_loss
