@@ -36,7 +36,11 @@ class Dist:
         return value / self.world_size
 
     def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank if it is true on one (so all ranks stop at the same step)."""
+        """True on every rank if it is true on one (so all ranks stop at the same step).
+
+        A collective and a host read: every rank must call it at the same points, and on
+        CUDA it stalls the queue, so not every step.
+        """
         if not self.enabled:
             return flag
         t = torch.tensor(float(flag), device=device)

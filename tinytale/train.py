@@ -30,9 +30,15 @@ from tinytale.model import GPT, param_groups
 from tinytale.schedule import lr_at
 from tinytale.tracking import Tracker
 
+# Under DDP the ranks agree on a stop request (one all-reduce and host read) only every this
+# many optimizer steps, at checkpoint_every_steps boundaries and at epoch ends: a per-step
+# agreement would be a per-step host sync on CUDA. A single process checks every step.
+STOP_AGREE_EVERY_STEPS = 16
+
 
 class StopRequest:
-    """Set by a signal handler (or a test); the loop checks it after every optimizer step."""
+    """Set by a signal handler (or a test); the loop honours it at an optimizer-step boundary:
+    the next one in a single process, within STOP_AGREE_EVERY_STEPS steps under DDP."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -349,9 +355,14 @@ def fit(
                 tracker.log_metrics({"train_loss_step": float(step_loss) / accum,
                                      "lr_step": lr}, state.step)
             step_loss.zero_()
-            stopping = d.any(bool(stop), device) if d.enabled else bool(stop)
-            if stopping or (cfg.checkpoint_every_steps
-                        and state.step % cfg.checkpoint_every_steps == 0):
+            checkpoint_due = bool(cfg.checkpoint_every_steps) and \
+                state.step % cfg.checkpoint_every_steps == 0
+            if not d.enabled:
+                stopping = bool(stop)
+            else:  # a collective: every rank takes the same branch at the same step
+                stopping = (checkpoint_due or state.step % STOP_AGREE_EVERY_STEPS == 0) \
+                    and d.any(bool(stop), device)
+            if stopping or checkpoint_due:
                 state.epoch_loss_sum = float(loss_sum)
                 state.epoch_grad_norm_sum = float(grad_norm_sum)
                 state.epoch_bad_steps, state.first_bad_step = int(bad_steps), int(first_bad)
