@@ -11,7 +11,7 @@ import torch
 from tinytale.checkpoint import LAST, load_checkpoint
 from tinytale.config import load_config
 from tinytale.run import build_model, load_model, prepare_data
-from tinytale.tracking import Tracker
+from tinytale.tracking import FanoutTracker, Tracker
 from tinytale.train import StopRequest, fit
 
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
@@ -167,3 +167,66 @@ def test_non_finite_step_can_be_skipped(tmp_path, sync_free):
     assert result.status == "FINISHED"
     assert result.state.skipped_steps == 1
     assert all(math.isfinite(h["train_loss"]) for h in result.state.history)
+
+
+class PoisonAfterBackward(Tracker):
+    """Makes a weight inf after the backward pass of a given micro-batch, as an overflowing
+    update would: that step's gradients are finite, the optimizer keeps the weight inf, and
+    nothing runs forward again before the checkpoint that follows."""
+
+    def __init__(self, model: torch.nn.Module, epoch: int, batch: int | None = None):
+        self.model, self.epoch, self.batch = model, epoch, batch
+
+    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
+        if epoch == self.epoch and batch == (self.batch or n_batches):
+            with torch.no_grad():
+                self.model.wte.weight[0, 0] = float("inf")
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "on-device-skip"])
+@pytest.mark.parametrize("when", ["epoch-end", "every-steps", "stop"])
+def test_non_finite_weights_are_never_checkpointed(tmp_path, sync_free, when):
+    cfg, data, model = setup(["train.epochs=3", "train.checkpoint_every_steps=4"
+                              if when == "every-steps" else "train.checkpoint_every_steps=0"])
+    steps_per_epoch = len(data.train) // cfg.train.batch_size
+    # The micro-batch whose step is followed by a checkpoint (accumulation is off).
+    batch = {"epoch-end": None, "every-steps": 4 - steps_per_epoch % 4, "stop": 5}[when]
+    stop = StopRequest()
+    tracker = PoisonAfterBackward(model, epoch=2, batch=batch)
+    if when == "stop":
+        tracker = FanoutTracker([tracker, StopAt(stop, 2, batch)])
+    result = fit(model, data, cfg.train, tracker, tmp_path, torch.device("cpu"),
+                 checkpoint_extra={"config": cfg.to_dict(),
+                                   "tokenizer": data.tokenizer.to_dict()},
+                 stop=stop, sync_free_guard=sync_free)
+    step = steps_per_epoch + (batch or steps_per_epoch)
+    assert result.status == "FAILED"
+    assert result.reason.startswith(f"non-finite weights after step {step} (epoch 2)")
+    for name in ("last.pt", "best.pt"):
+        saved = load_checkpoint(tmp_path / name)
+        assert all(torch.isfinite(t).all() for t in saved["model"].values()), name
+        if when != "every-steps":
+            assert saved["train_state"]["epoch"] == 2  # written after epoch 1, never after
+    assert load_checkpoint(tmp_path / "last.pt")["train_state"]["step"] < step
+
+
+class PoisonSteps(Tracker):
+    """Makes the gradients of the given micro-batches of epoch 1 NaN (bad batches)."""
+
+    def __init__(self, model: torch.nn.Module, batches: set[int]):
+        self.model, self.batches = model, batches
+
+    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
+        if epoch == 1 and batch in self.batches:
+            self.model.wte.weight.grad.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "on-device-skip"])
+def test_skipping_more_than_max_skipped_steps_fails(tmp_path, sync_free):
+    cfg, data, model = setup(["train.epochs=2", "train.nonfinite=skip",
+                              "train.max_skipped_steps=1"])
+    result = fit(model, data, cfg.train, PoisonSteps(model, {3, 5}), tmp_path,
+                 torch.device("cpu"), sync_free_guard=sync_free)
+    assert result.status == "FAILED" and "non-finite" in result.reason
+    assert result.state.skipped_steps == 2
+    assert result.last_checkpoint is None  # nothing of the failing epoch was written

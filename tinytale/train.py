@@ -5,6 +5,7 @@ by `grad_accum_steps`, so the summed gradient equals the gradient of the mean lo
 the whole large batch. Per epoch it validates, reports metrics, writes `last.pt` (and
 `best.pt` on a new best validation loss) atomically, and honours early stopping and stop
 requests (signals) at optimizer-step boundaries, so a resumed run continues bit-for-bit.
+Weights that have become NaN or inf are never written: the run fails instead.
 """
 
 from __future__ import annotations
@@ -285,6 +286,22 @@ def fit(
         return FitResult(status, state, best_path if best_exists else None,
                          last_path if last_path.exists() else None, reason, early)
 
+    def weights_are_finite() -> bool:
+        """One fused reduction and host read, before each checkpoint (not each step)."""
+        with torch.no_grad():
+            # max |w| per tensor (the inf-norm, as clip_grad_norm_ computes it): NaN and inf
+            # propagate, and unlike a sum or a 2-norm, finite weights cannot overflow it.
+            max_abs = torch._foreach_norm(list(model.parameters()), math.inf)
+            finite = bool(torch.stack(max_abs).isfinite().all())
+        return not d.any(not finite, device)
+
+    def failed_on_weights(epoch: int) -> FitResult:
+        reason = (f"non-finite weights after step {state.step} (epoch {epoch}), not written "
+                  "to a checkpoint; lower train.lr or resume from the last checkpoint")
+        tracker.on_event("nonfinite_weights", {"epoch": epoch, "step": state.step,
+                                               "reason": reason})
+        return result("FAILED", reason)
+
     model.train()
     while state.epoch <= cfg.epochs:
         epoch = state.epoch
@@ -367,6 +384,8 @@ def fit(
                 state.epoch_grad_norm_sum = float(grad_norm_sum)
                 state.epoch_bad_steps, state.first_bad_step = int(bad_steps), int(first_bad)
                 state.epoch_elapsed_s = time.perf_counter() - t_start
+                if not weights_are_finite():
+                    return failed_on_weights(epoch)
                 checkpoint(last_path)
                 if stopping:
                     return result("KILLED", f"stopped by {stop.reason or 'another rank'}")
@@ -419,6 +438,8 @@ def fit(
         state.epoch_steps = state.epoch_bad_steps = state.first_bad_step = 0
         early = bool(cfg.patience) and state.epochs_since_best >= cfg.patience
         finished = early or state.epoch > cfg.epochs
+        if not weights_are_finite():
+            return failed_on_weights(epoch)
         checkpoint(last_path, finished=finished)
         if improved:
             checkpoint(best_path, finished=finished)
