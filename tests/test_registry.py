@@ -5,7 +5,6 @@ fresh process and `mlflow models serve`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -46,7 +45,10 @@ def registry(mlflow_server, tmp_path_factory):
     a = train([*base, "--run-name", "a"])
     b = train([*base, "--run-name", "b", "--set", "train.epochs=1"])
     champion_after_b = client.get_model_version_by_alias(name, "champion").version
-    c = train([*base, "--run-name", "c", "--set", "train.epochs=6"])
+    # C overfits (few stories, a high learning rate): its best epoch is well before its last,
+    # so registering the last checkpoint instead of the best would show.
+    c = train([*base, "--run-name", "c", "--set", "train.epochs=30", "--set",
+               "data.n_stories=24", "--set", "model.n_embd=32", "--set", "train.lr=1e-2"])
     return {"name": name, "a": a, "b": b, "c": c, "client": client,
             "champion_after_b": str(champion_after_b), "url": mlflow_server.url}
 
@@ -111,14 +113,24 @@ def test_champion_is_the_best_version_after_concurrent_registrations(mlflow_serv
 
 
 def test_registered_checkpoint_is_the_best_not_the_last(registry, tmp_path):
-    """Run C trains 6 epochs; its version must hold best.pt, byte for byte."""
+    """Run C's version holds best.pt's weights (not last.pt's), without the training-only
+    optimizer and RNG state."""
+    import torch
+
+    from tinytale.checkpoint import load_checkpoint
     from tinytale.mlflow_tracker import download_checkpoint
 
     c = registry["c"]
-    local = download_checkpoint(f"models:/{registry['name']}/3", registry["url"])
-    best = Path(c["run_dir"]) / "best.pt"
-    digest = hashlib.sha256(local.read_bytes()).hexdigest()
-    assert digest == hashlib.sha256(best.read_bytes()).hexdigest()
+    assert c["best_epoch"] < c["epochs"] - 3, c  # else best and last could be the same
+    local = load_checkpoint(download_checkpoint(f"models:/{registry['name']}/3", registry["url"]))
+    best = load_checkpoint(Path(c["run_dir"]) / "best.pt")
+    last = load_checkpoint(Path(c["run_dir"]) / "last.pt")
+    assert local["train_state"]["best_epoch"] == c["best_epoch"]
+    for key, tensor in best["model"].items():
+        assert torch.equal(local["model"][key], tensor), key
+    assert any(not torch.equal(local["model"][k], t) for k, t in last["model"].items())
+    assert "optimizer" not in local and "rng" not in local
+    assert {"config", "tokenizer"} <= local.keys()
 
 
 @pytest.mark.parametrize("source", ["models:/{name}@champion", "models:/{name}/2", "{run_b}"])
@@ -146,7 +158,7 @@ def test_runs_listing(registry):
                                       "--tracking-uri", registry["url"]])
     assert result.exit_code == 0, result.stderr
     rows = {r["run_name"]: r for r in json.loads(result.stdout)}
-    assert rows["b"]["epochs"] == 1 and rows["c"]["epochs"] == 6
+    assert rows["b"]["epochs"] == 1 and rows["c"]["epochs"] == 30
     assert rows["c"]["registered_version"] == "3"
     assert rows["a"]["best_val_loss"] == pytest.approx(registry["a"]["best_val_loss"])
     table = CliRunner().invoke(app, ["runs", "--experiment", registry["name"],
@@ -214,3 +226,18 @@ def test_mlflow_models_serve_answers_invocations(registry, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
+
+
+def test_early_stopped_run_registers_its_best_checkpoint(mlflow_server, tmp_path):
+    name = f"early-{uuid.uuid4().hex[:8]}"
+    summary = train([*(a for o in TINY for a in ("--set", o)), "--set", "train.epochs=60",
+                     "--set", "data.n_stories=24", "--set", "model.n_embd=32",
+                     "--set", "train.lr=1e-2", "--set", "train.patience=3",
+                     "--set", f"tracking.registered_model={name}",
+                     "--set", "tracking.system_metrics=false", "--experiment", name,
+                     "--tracking-uri", mlflow_server.url, "--out", str(tmp_path)])
+    assert summary["early_stopped"] is True and summary["epochs"] < 60, summary
+    assert summary["epochs"] == summary["best_epoch"] + 3
+    version = MlflowClient(mlflow_server.url).get_model_version(name, "1")
+    assert version.tags["best_epoch"] == str(summary["best_epoch"])
+    assert version.run_id == summary["run_id"]

@@ -21,6 +21,7 @@ import torch
 import tinytale
 from tinytale import distributed
 from tinytale.checkpoint import (
+    BEST,
     LAST,
     CheckpointError,
     find_resumable,
@@ -171,10 +172,11 @@ def train_run(
     run_name = run_name_of(config)
     resume_path = resolve_resume(resume, out_dir, run_name)
     resume_state = load_checkpoint(resume_path) if resume_path else None
-    if resume_state is not None and "optimizer" not in resume_state:
+    if resume_state is not None and (resume_path.name == BEST or "optimizer" not in resume_state):
         raise CheckpointError(
-            f"--resume '{resume_path}' holds model weights only (a best.pt), not the optimizer "
-            f"and RNG state that resuming needs; resume from '{resume_path.parent / LAST}'."
+            f"--resume '{resume_path}' is a best-validation checkpoint: resuming from it would "
+            "rewind the run to its best epoch and log those epochs twice; resume from "
+            f"'{resume_path.parent / LAST}'."
         )
     tokenizer = None
     ignored: dict[str, str] = {}

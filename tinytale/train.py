@@ -272,13 +272,11 @@ def fit(
     def checkpoint(path: Path, finished: bool = False) -> Path:
         if not d.is_main:
             return path
+        # The whole training state in both files, best.pt too: it can seed a new run or a
+        # fine-tune from the best epoch. The registry gets a copy without the AdamW moments.
         state_dict = {**extra, "model": model.state_dict(), "train_state": asdict(state),
-                      "finished": finished, "run_id": tracker.run_id}
-        if path.name == LAST:
-            # What resuming needs besides the weights. best.pt is for inference and the
-            # registry, so it leaves out the AdamW moments: a third of the size to write,
-            # upload and serve.
-            state_dict.update(optimizer=optimizer.state_dict(), rng=capture_rng())
+                      "finished": finished, "run_id": tracker.run_id,
+                      "optimizer": optimizer.state_dict(), "rng": capture_rng()}
         return writer.submit(state_dict, path, keep_previous=path.name == LAST)
 
     def result(status: str, reason: str = "", early: bool = False) -> FitResult:

@@ -116,6 +116,17 @@ def _package_copy(dest: Path) -> Path:
     return target
 
 
+def _inference_copy(checkpoint: Path, dest: Path) -> Path:
+    """The checkpoint without what only training needs (AdamW moments, RNG states): about a
+    third of the size to upload, store and serve, and all that loading the model reads."""
+    from tinytale.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    for key in ("optimizer", "rng"):
+        state.pop(key, None)
+    return save_checkpoint(state, dest)
+
+
 def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id: str | None,
                      rec: dict[str, Any], spool: Spool | None = None) -> dict[str, Any]:
     """Log the best checkpoint as a pyfunc model; register it and move `champion` if better.
@@ -157,11 +168,12 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
             code_file = Path(tmp) / "tinytale_pyfunc.py"
             code_file.write_text(PYFUNC_CODE, encoding="utf-8")
             package = _package_copy(Path(tmp))
+            weights = _inference_copy(checkpoint, Path(tmp) / checkpoint.name)
             with warnings.catch_warnings():  # "no input example": on purpose, it costs a load
                 warnings.simplefilter("ignore")
                 info = Model.log(
                     artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
-                    python_model=str(code_file), artifacts={"checkpoint": str(checkpoint)},
+                    python_model=str(code_file), artifacts={"checkpoint": str(weights)},
                     code_paths=[str(package)], pip_requirements=_requirements(),
                     signature=_signature(), step=int(best_epoch or 0),
                     model_id=pending.model_id,
