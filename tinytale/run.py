@@ -53,13 +53,18 @@ def build_model(config: Config, vocab_size: int) -> GPT:
 STREAM_ABOVE_BYTES = 64 * 2**20
 
 
-def prepare_data(config: Config, tokenizer: Tokenizer | None = None) -> DataBundle:
-    """Corpus -> split -> tokenizer (trained on the corpus unless given) -> windows."""
+def prepare_data(config: Config, tokenizer: Tokenizer | None = None,
+                 world_size: int | None = None) -> DataBundle:
+    """Corpus -> split -> tokenizer (trained on the corpus unless given) -> windows.
+
+    `world_size`: training processes sharing each step (None: torchrun's WORLD_SIZE, else 1),
+    for the check that an epoch has at least one optimizer step.
+    """
     d = config.data
     files = corpus_files(d.corpus)
     if files is not None and (d.stream is True or (
             d.stream == "auto" and sum(f.stat().st_size for f in files) > STREAM_ABOVE_BYTES)):
-        return prepare_streamed(config, files, tokenizer)
+        return prepare_streamed(config, files, tokenizer, world_size)
     stories = load_corpus(d.corpus, d.n_stories, d.seed)
     if tokenizer is None:
         tokenizer = train_tokenizer(d.tokenizer, stories, d.bpe_vocab_size)
@@ -67,11 +72,12 @@ def prepare_data(config: Config, tokenizer: Tokenizer | None = None) -> DataBund
         stories, tokenizer, config.model.block_size, d.val_fraction, d.seed,
         train_fraction=d.train_fraction, stride=d.stride,
         batch_size=config.train.batch_size, grad_accum_steps=config.train.grad_accum_steps,
+        world_size=world_size,
     )
 
 
-def prepare_streamed(config: Config, files: list[Path],
-                     tokenizer: Tokenizer | None = None) -> DataBundle:
+def prepare_streamed(config: Config, files: list[Path], tokenizer: Tokenizer | None = None,
+                     world_size: int | None = None) -> DataBundle:
     """Large corpora: stream stories into cached memory-mapped token files, then window them.
 
     The split is by a hash of each story's number (so it can be decided while streaming);
@@ -92,7 +98,7 @@ def prepare_streamed(config: Config, files: list[Path],
     return windows_from_tokens(
         tokenizer, train_tokens, token_files.tokens("val"), token_files.n_train_stories,
         token_files.n_val_stories, config.model.block_size, d.stride,
-        config.train.batch_size, config.train.grad_accum_steps,
+        config.train.batch_size, config.train.grad_accum_steps, world_size,
     )
 
 
@@ -196,7 +202,7 @@ def train_run(
 
     dist = distributed.from_env()
     device = distributed.setup(dist, resolve_device(config.train.device))
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, dist.world_size)
     seed_everything(config.train.seed)  # the initial weights depend on the seed alone
     model = build_model(config, data.tokenizer.vocab_size)
     info = RunInfo(
