@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from tinytale.config import load_config
+from tinytale.device import peak_flops, peak_flops_of
 from tinytale.model import GPT, GPTConfig
 from tinytale.run import build_model, prepare_data
 from tinytale.tracking import Tracker
-from tinytale.train import fit, peak_flops, peak_flops_of
+from tinytale.train import fit
 
 
 def test_flops_per_token_by_hand():

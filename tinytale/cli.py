@@ -199,8 +199,8 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu | cuda | mps | auto.")] = "cpu",
 ) -> None:
     """Sample text from a trained model (greedy, temperature, top-k, top-p)."""
+    from tinytale.device import resolve_device
     from tinytale.run import complete, load_model
-    from tinytale.train import resolve_device
 
     with user_errors():
         if top_p <= 0:

@@ -31,13 +31,14 @@ from tinytale.checkpoint import (
 from tinytale.config import Config
 from tinytale.corpus import corpus_files, load_corpus, stream_stories
 from tinytale.data import DataBundle, build_data, windows_from_tokens
+from tinytale.device import resolve_device
 from tinytale.errors import UserError
 from tinytale.model import GPT, GPTConfig
 from tinytale.sample import generate
 from tinytale.tokencache import build_token_files, cached_tokenizer, content_hash
 from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from tinytale.tracking import RunInfo, Tracker
-from tinytale.train import FitResult, StopRequest, fit, resolve_device, seed_everything
+from tinytale.train import FitResult, StopRequest, fit, seed_everything
 
 
 def run_name_of(config: Config) -> str:
