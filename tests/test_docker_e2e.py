@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -272,6 +273,127 @@ def test_runs_survive_compose_down(stack: Stack) -> None:
     stack.compose("down", timeout=300)
     stack.compose("up", "--detach", "--wait", "mlflow", timeout=300)
     assert _finished_run(stack)["info"]["run_id"] == run_id
+
+
+def _runs_of(stack: Stack, experiment: str) -> list[dict[str, Any]]:
+    found = stack.api("experiments/get-by-name", experiment_name=experiment)["experiment"]
+    return stack.search_runs(found["experiment_id"])
+
+
+def _epochs_logged(stack: Stack, run_id: str) -> list[int]:
+    history = stack.api("metrics/get-history", run_id=run_id, metric_key="val_loss")
+    return sorted(m["step"] for m in history.get("metrics", []))
+
+
+def test_compose_run_trains_any_experiment(stack: Stack) -> None:
+    """`docker compose run --rm trainer train experiments/X.yaml --set ...`, as the README says."""
+    done = stack.compose(
+        "run", "--rm", "trainer", "train", "experiments/overfit.yaml",
+        "--set", "train.epochs=2", "--experiment", "e2e-run", "--json",
+        timeout=TRAIN_TIMEOUT_S,
+    )
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 2 and summary["run_id"], summary
+    (run,) = _runs_of(stack, "e2e-run")
+    assert run["info"]["run_id"] == summary["run_id"]
+    assert run["info"]["status"] == "FINISHED"
+    assert _epochs_logged(stack, summary["run_id"]) == [1, 2]
+
+
+def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) -> None:
+    """SIGTERM from the engine (what `docker compose stop` sends) within the grace period."""
+    name = f"{stack.project}-stopme"
+    args = ["--experiment", "e2e-stop", "--run-name", "e2e-stop"]
+    stack.compose(
+        "run", "--detach", "--name", name, "-e", "TINYTALE_TRACKING_FLUSH_S=0.5", "trainer",
+        "train", "--set", "train.epochs=150", *args,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until an epoch reached the server: the run is well under way
+            assert time.monotonic() < deadline, f"no epoch logged in 300 s\n{stack.logs()}"
+            try:
+                runs = _runs_of(stack, "e2e-stop")
+            except urllib.error.HTTPError:  # the experiment does not exist yet
+                runs = []
+            if runs and _epochs_logged(stack, runs[0]["info"]["run_id"]):
+                break
+            time.sleep(0.5)
+        start = time.monotonic()
+        subprocess.run(["docker", "stop", "--time", "30", name], check=True,
+                       capture_output=True, timeout=120)
+        stopped_in = time.monotonic() - start
+        code = int(subprocess.run(["docker", "wait", name], capture_output=True, text=True,
+                                  check=True, timeout=60).stdout.strip())
+    finally:
+        logs = subprocess.run(["docker", "logs", "--tail", "40", name], capture_output=True,
+                              text=True, check=False).stderr
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+    assert code == 143, f"the trainer exited {code} after SIGTERM\n{logs}"
+    assert stopped_in < 30, f"stopping took {stopped_in:.1f} s, past stop_grace_period"
+    (run,) = _runs_of(stack, "e2e-stop")
+    run_id = run["info"]["run_id"]
+    assert run["info"]["status"] == "KILLED", run["info"]
+    before = _epochs_logged(stack, run_id)
+    assert before and before[-1] < 150
+
+    done = stack.compose("run", "--rm", "trainer", "train", "--resume", "auto", *args,
+                         "--json", timeout=TRAIN_TIMEOUT_S)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["run_id"] == run_id, "the resumed run is not the stopped one"
+    (run,) = _runs_of(stack, "e2e-stop")
+    assert run["info"]["status"] == "FINISHED"
+    assert _epochs_logged(stack, run_id) == list(range(1, 151))
+
+
+def test_sweep_launch_runs_points_in_containers(stack: Stack, tmp_path: Path) -> None:
+    """`tinytale sweep --launch`: the host makes the parent run, each point is a container."""
+    (tmp_path / "base.yaml").write_text(
+        "model: {n_layer: 1, n_head: 2, n_embd: 32}\n"
+        "tracking: {experiment: e2e-sweep, register: false, samples: 0}\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "e2e-sweep", "base": "base.yaml", "set": {"train.epochs": 2},
+        "grid": {"model.dropout": [0.0, 0.1]}}, sort_keys=False))
+    argv = [sys.executable, "-m", "tinytale", "sweep", str(sweep), "--launch", "--device", "cpu",
+            "--parallel", "2", "--json", "--tracking-uri", f"http://127.0.0.1:{stack.port}",
+            "--out", str(tmp_path / "out")]
+
+    def sweep_once() -> dict[str, Any]:
+        done = subprocess.run(argv, cwd=REPO, env=stack.env, capture_output=True, text=True,
+                              timeout=TRAIN_TIMEOUT_S, check=False)
+        assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    result = sweep_once()
+    assert [p["status"] for p in result["points"]] == ["FINISHED", "FINISHED"], result
+    runs = {r["info"]["run_id"]: r for r in _runs_of(stack, "e2e-sweep")}
+    parent = runs.pop(result["parent_run_id"])
+    assert parent["info"]["run_name"] == "e2e-sweep"
+    assert len(runs) == 2
+    for run in runs.values():
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["mlflow.parentRunId"] == result["parent_run_id"]
+        assert tags["tinytale.sweep"] == "e2e-sweep"
+        assert run["info"]["status"] == "FINISHED"
+        assert _epochs_logged(stack, run["info"]["run_id"]) == [1, 2]
+    # Again: both points finished, so no container trains.
+    again = sweep_once()
+    assert [p["status"] for p in again["points"]] == ["SKIPPED", "SKIPPED"], again
+    assert len(_runs_of(stack, "e2e-sweep")) == 3
+
+
+def test_down_with_volumes_resets_everything(stack: Stack) -> None:
+    """`docker compose down -v` (the README's reset) removes the project's named volumes."""
+    def volumes() -> list[str]:
+        return subprocess.run(
+            ["docker", "volume", "ls", "--quiet", "--filter",
+             f"label=com.docker.compose.project={stack.project}"],
+            capture_output=True, text=True, check=True).stdout.split()
+
+    assert len(volumes()) == 3, volumes()  # mlflow-db, mlflow-artifacts, checkpoints
+    stack.compose("down", "--volumes", timeout=300)
+    assert volumes() == []
 
 
 def test_gpu_profile_config_is_valid(docker_env: dict[str, str]) -> None:
