@@ -3,7 +3,7 @@
 For each size, a corpus of original tales is written (the fairy grammar with new seeds),
 tokenized once into memory-mapped token files (timed separately: a one-off, cached), and
 then the same char-level model trains for a fixed number of steps on batches drawn
-from the whole corpus. Sizes run in one process, measured side by side.
+from the whole corpus. Sizes run in one process, in interleaved rounds (side by side).
 
     python bench/data_scale.py --sizes-mb 1 10 100 1000 --steps 60
 """
@@ -42,25 +42,31 @@ def write_corpus(path: Path, megabytes: float) -> int:
     return written
 
 
-def steps_per_sec(data, cfg, steps: int, repeats: int) -> float:
-    torch.manual_seed(0)
-    model = build_model(cfg, data.tokenizer.vocab_size)
-    optimizer = make_optimizer(model, cfg.train, torch.device("cpu"))
-    rates = []
-    for r in range(repeats + 1):  # the first round warms up (page cache, allocator)
-        loader = iter(train_loader(data.train, cfg.train.batch_size, cfg.train.seed, r + 1))
+class Trainer:
+    """One model training on one corpus's windows, a round of `steps` steps at a time."""
+
+    def __init__(self, data, cfg):
+        torch.manual_seed(0)
+        self.data, self.cfg = data, cfg
+        self.model = build_model(cfg, data.tokenizer.vocab_size)
+        self.optimizer = make_optimizer(self.model, cfg.train, torch.device("cpu"))
+        self.rounds = 0
+
+    def round(self, steps: int) -> float:
+        """Optimizer steps per second over one round (a new epoch's batch order)."""
+        self.rounds += 1
+        loader = iter(train_loader(self.data.train, self.cfg.train.batch_size,
+                                   self.cfg.train.seed, self.rounds))
         batch = next(loader)  # the epoch's shuffle (randperm over all windows) is set-up,
         start = time.perf_counter()  # paid once per epoch: time the steps themselves
         for _ in range(steps):
             x, y = batch
             batch = next(loader)
-            _, loss = model(x, y)
+            _, loss = self.model(x, y)
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if r:
-            rates.append(steps / (time.perf_counter() - start))
-    return statistics.median(rates)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return steps / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -69,9 +75,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    results = []
+    results, trainers = [], []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("TINYTALE_CACHE", str(Path(tmp) / "cache"))
+        # Tokenize every size first (the corpus text is not needed after: the token files
+        # are memory-mapped), then time them in interleaved rounds, so drift of a shared
+        # machine hits every size alike.
         for size in args.sizes_mb:
             corpus = Path(tmp) / f"tales-{size:g}MB.txt"
             nbytes = write_corpus(corpus, size)
@@ -80,16 +89,26 @@ def main() -> None:
             data = prepare_data(cfg)
             tokenize_s = time.perf_counter() - start
             start = time.perf_counter()
-            prepare_data(cfg)
+            data = prepare_data(cfg)
             cached_s = time.perf_counter() - start
-            rate = steps_per_sec(data, cfg, args.steps, args.repeats)
-            tokens_per_sec = rate * cfg.train.batch_size * cfg.model.block_size
             results.append({"corpus_mb": round(nbytes / 2**20, 1),
                             "train_tokens": len(data.train.tokens),
                             "tokenize_once_s": round(tokenize_s, 2),
-                            "cached_open_s": round(cached_s, 3),
-                            "tokens_per_sec": round(tokens_per_sec)})
+                            "cached_open_s": round(cached_s, 3)})
+            trainers.append(Trainer(data, cfg))
             corpus.unlink()
+        for trainer in trainers:
+            trainer.round(args.steps)  # warm-up: page cache, allocator
+        rates: list[list[float]] = [[] for _ in trainers]
+        for rep in range(args.repeats):
+            order = list(range(len(trainers)))
+            order = order[rep % len(order):] + order[:rep % len(order)]
+            for i in order:
+                rates[i].append(trainers[i].round(args.steps))
+        for result, trainer, rate in zip(results, trainers, rates, strict=True):
+            tokens = trainer.cfg.train.batch_size * trainer.cfg.model.block_size
+            result["tokens_per_sec"] = round(statistics.median(rate) * tokens)
+        del trainers  # close the memory maps before the folder goes
     base = results[0]["tokens_per_sec"]
     print(f"{'corpus':>10} {'train tokens':>13} {'tokenize':>9} {'reopen':>8} {'tok/s':>8} "
           f"{'vs smallest':>11}")

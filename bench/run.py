@@ -244,7 +244,8 @@ def run_section(section: str, args: argparse.Namespace) -> dict:
         # One torch thread: with two threads on two busy cores, torch's thread barrier
         # swings run times far more than tracking could.
         return script_bench("tracking", "tracking_overhead.py",
-                            ["--json", "--set", "train.num_threads=1"])
+                            ["--json", "--reps", "9", "--set", "train.num_threads=1",
+                             "--set", "train.epochs=100"])
     if section == "compare":
         return script_bench("compare", "compare_runs.py", [])
     if section == "data-scale":
