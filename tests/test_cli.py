@@ -27,6 +27,7 @@ def test_train_json_summary(trained):
         assert key in trained
     assert trained["epochs"] == 2 and trained["vocab_size"] == 24
     assert trained["run_id"] is None
+    assert "tracking_loop_s" not in trained  # an untracked run reports no tracking cost
 
 
 def test_generate_from_checkpoint(trained):

@@ -87,6 +87,14 @@ def test_one_value_per_epoch_per_metric(server_run):
     assert any(k.startswith("system/") for k in metrics), sorted(metrics)
 
 
+def test_summary_reports_what_tracking_cost(server_run):
+    """The loop's time in tracker calls and the tracker threads' CPU time, both measured
+    (bench/tracking_overhead.py turns them into a share of train_time_s)."""
+    summary = server_run[0]
+    assert 0 < summary["tracking_loop_s"] < summary["train_time_s"]
+    assert 0 < summary["tracking_threads_cpu_s"] < summary["train_time_s"]
+
+
 def test_artifacts_config_and_samples(server_run):
     summary, client, _ = server_run
     names = {a.path for a in client.list_artifacts(summary["run_id"])}

@@ -229,7 +229,7 @@ def train_run(
         )
         status = result.status
         summary = {"run_id": run_id, **result.summary(), "vocab_size": data.tokenizer.vocab_size,
-                   "run_dir": str(run_dir)}
+                   "run_dir": str(run_dir), **tracker.costs()}
         if result.status == "FINISHED" and result.best_checkpoint is not None and dist.is_main:
             samples = sample_texts(result.best_checkpoint, config.tracking.samples)
             if samples:

@@ -55,6 +55,10 @@ class Tracker:
         """Publish the best checkpoint (e.g. register a model version); return what was done."""
         return {}
 
+    def costs(self) -> dict[str, float]:
+        """Seconds this tracker has cost the run so far (for the summary); none by default."""
+        return {}
+
     def finish(self, status: str) -> None:
         """Close the run: status is FINISHED, FAILED or KILLED. Flush everything first."""
 
@@ -98,6 +102,13 @@ class FanoutTracker(Tracker):
         result: dict[str, Any] = {}
         for t in self.trackers:
             result.update(t.log_best_model(checkpoint, summary))
+        return result
+
+    def costs(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        for t in self.trackers:
+            for k, v in t.costs().items():
+                result[k] = result.get(k, 0.0) + v
         return result
 
     def finish(self, status: str) -> None:

@@ -60,6 +60,7 @@ class MlflowTracker(Tracker):
         self._warned: set[str] = set()
         self._nonfinite = 0
         self._tmpdir: str | None = None
+        self._loop_s = 0.0  # wall time the training loop spent in our calls
 
     @property
     def run_id(self) -> str | None:  # type: ignore[override]
@@ -195,10 +196,12 @@ class MlflowTracker(Tracker):
     # -- the loop's calls: append only ------------------------------------------------
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        start = time.perf_counter()
         self.spool.append({"op": "m", "step": int(step), "ts": _now_ms(),
                            "metrics": {k: float(v) for k, v in metrics.items()}})
         if "val_loss" in metrics:
             self._note_epoch(metrics, step)
+        self._loop_s += time.perf_counter() - start
 
     def _note_epoch(self, metrics: dict[str, float], step: int) -> None:
         self._last_epoch = max(self._last_epoch, int(step))
@@ -216,7 +219,23 @@ class MlflowTracker(Tracker):
         if name == "nonfinite":
             self._nonfinite += 1
             tags["tinytale.nonfinite_steps"] = str(self._nonfinite)
+        start = time.perf_counter()
         self.spool.append({"op": "tags", "tags": tags})
+        self._loop_s += time.perf_counter() - start
+
+    def costs(self) -> dict[str, float]:
+        """What tracking has cost the run so far: the loop's time in our calls, and the CPU
+        time of the sender and system-metrics threads (Linux and macOS; absent elsewhere).
+        Their sum bounds what tracking can take from training, noise or not."""
+        out = {"tracking_loop_s": round(self._loop_s, 4)}
+        threads = [self._thread, getattr(self._monitor, "_process", None)]
+        try:
+            cpu = sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+                      for t in threads if t is not None and t.is_alive() and t.ident)
+        except (AttributeError, OSError):  # no per-thread clocks on this platform
+            return out
+        out["tracking_threads_cpu_s"] = round(cpu, 4)
+        return out
 
     def log_text(self, name: str, text: str) -> None:
         self.spool.append({"op": "text", "name": name, "text": text})
