@@ -7,7 +7,8 @@
 #   eval "$(scripts/docker-offline.sh)"   # every step below, then print the variables compose needs
 #   docker compose up                      # builds from the local base image and the wheelhouse
 #
-#   scripts/docker-offline.sh STEP...      # run only some steps: engine compose base wheels env
+#   scripts/docker-offline.sh STEP...      # only these steps: engine compose base wheels
+#                                          # wheels-cuda env
 #
 # In a `set -e` script, `eval "$(...)"` hides a failure of the script (eval of nothing succeeds);
 # there, write `exports=$(scripts/docker-offline.sh)` and then `eval "$exports"`.
@@ -20,9 +21,12 @@
 #   base     a Debian bookworm image with python3 + venv, made by debootstrap (installed with
 #            apt-get if missing) and `docker import`, tagged $TINYTALE_LOCAL_BASE_IMAGE
 #            (skipped when that tag exists).
-#   wheels   docker/wheels/: every wheel the images install (torch CPU, the pinned trainer and
-#            server requirements, the build backend), re-downloaded only when
-#            docker/requirements-*.txt change. The images read it as build context.
+#   wheels   docker/wheels/: every wheel the cpu and MLflow images install (torch CPU, the
+#            pinned trainer and server requirements, the build backend), re-downloaded only
+#            when their docker/requirements-*.txt change. The images read it as build context.
+#   wheels-cuda  docker/wheels-cuda/: torch with CUDA and NVIDIA's libraries for the cuda
+#            target (~3 GB; only that target copies it). Not a default step: run it before
+#            `docker compose --profile gpu build` (CI does).
 #   env      print `export ...` lines for compose (stdout); everything else goes to stderr.
 #
 # Every failure (no apt-get, dockerd not answering, a download failing) exits non-zero with one
@@ -137,38 +141,76 @@ step_base() {
     log "base: $base_image is $(docker image inspect -f '{{.Size}}' "$base_image") bytes"
 }
 
-step_wheels() {
-    local reqs=("$repo"/docker/requirements-*.txt) key
+# Wheels for the images (Linux, CPython 3.11, this machine's architecture), not the host: every
+# manylinux tag that Debian bookworm's glibc (2.36, the base images') accepts.
+image_platforms() {
+    local arch glibc
+    arch=$(uname -m)
+    for glibc in $(seq 36 -1 5); do printf -- '--platform manylinux_2_%s_%s ' "$glibc" "$arch"; done
+    printf -- '--platform manylinux2014_%s --platform manylinux2010_%s --platform manylinux1_%s ' \
+        "$arch" "$arch" "$arch"
+    printf -- '--platform linux_%s --only-binary=:all: --python-version %s --implementation cp' \
+        "$arch" "$python_version"
+}
+
+# fill_wheelhouse DIR REQUIREMENTS... -- DOWNLOAD_STEP...: runs each download step (a function
+# name) unless DIR/.key already matches the requirements files' content.
+fill_wheelhouse() {
+    local dir=$1 reqs=() key
+    shift
+    while [ "$1" != "--" ]; do reqs+=("$1"); shift; done
+    shift
     key=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)
-    if [ "$(cat "$wheel_dir/.key" 2>/dev/null)" = "$key" ]; then
-        log "wheels: $wheel_dir is up to date"; return
+    if [ "$(cat "$dir/.key" 2>/dev/null)" = "$key" ]; then
+        log "wheels: $dir is up to date"; return
     fi
     python3 -m pip --version >/dev/null 2>&1 || die "python3 -m pip is needed for the wheelhouse"
-    rm -f "$wheel_dir"/*.whl "$wheel_dir/.key"
-    log "wheels: downloading into $wheel_dir"
-    # Wheels for the images (Linux, CPython 3.11, this machine's architecture), not the host.
-    local arch target=()
-    arch=$(uname -m)
-    target=(--only-binary=:all: --python-version "$python_version" --implementation cp
-        --platform "manylinux_2_28_$arch" --platform "manylinux2014_$arch" --platform "linux_$arch")
+    rm -f "$dir"/*.whl "$dir/.key"
+    log "wheels: downloading into $dir"
+    local step
+    for step in "$@"; do "$step" "$dir"; done
+    echo "$key" >"$dir/.key"
+    log "wheels: $(find "$dir" -name '*.whl' | wc -l) wheels, $(du -sh "$dir" | cut -f1)"
+}
+
+download_torch_cpu() {
     # torch from the PyTorch CPU index (PyPI's Linux torch is the multi-GB CUDA build); its
     # dependencies are pinned in requirements-trainer.txt and come from PyPI below.
-    pip_download --no-deps --retries 1 --index-url "$torch_cpu_index" \
-        -r "$repo/docker/requirements-torch.txt" "${target[@]}"
-    ls "$wheel_dir"/torch-*+cpu-*.whl >/dev/null 2>&1 \
+    # shellcheck disable=SC2046  # image_platforms prints options to split
+    pip_download "$1" --no-deps --retries 1 --index-url "$torch_cpu_index" \
+        -r "$repo/docker/requirements-torch.txt" $(image_platforms)
+    ls "$1"/torch-*+cpu-*.whl >/dev/null 2>&1 \
         || die "no CPU build of torch was downloaded (is $torch_cpu_index reachable?)"
-    local args=()
-    for r in "${reqs[@]}"; do
-        [ "$r" = "$repo/docker/requirements-torch.txt" ] || args+=(-r "$r")
-    done
-    pip_download "${args[@]}" "${target[@]}"
-    echo "$key" >"$wheel_dir/.key"
-    log "wheels: $(find "$wheel_dir" -name '*.whl' | wc -l) wheels, $(du -sh "$wheel_dir" | cut -f1)"
+}
+
+download_cpu_images() {
+    # shellcheck disable=SC2046
+    pip_download "$1" -r "$repo/docker/requirements-trainer.txt" \
+        -r "$repo/docker/requirements-mlflow.txt" -r "$repo/docker/requirements-build.txt" \
+        $(image_platforms)
+}
+
+download_cuda() {
+    # shellcheck disable=SC2046
+    pip_download "$1" -r "$repo/docker/requirements-cuda.txt" $(image_platforms)
+    ls "$1"/torch-*.whl >/dev/null 2>&1 || die "no torch wheel with CUDA was downloaded"
+}
+
+step_wheels() {
+    fill_wheelhouse "$wheel_dir" "$repo"/docker/requirements-{torch,trainer,mlflow,build}.txt \
+        -- download_torch_cpu download_cpu_images
+}
+
+step_wheels_cuda() {
+    fill_wheelhouse "$repo/docker/wheels-cuda" "$repo/docker/requirements-cuda.txt" \
+        -- download_cuda
 }
 
 pip_download() {
+    local dest=$1
+    shift
     # Drop the warnings of pip configurations that list missing local indexes; keep the rest.
-    python3 -m pip download --quiet --dest "$wheel_dir" "$@" 2>&1 \
+    python3 -m pip download --quiet --dest "$dest" "$@" 2>&1 \
         | { grep -v 'is ignored: it is neither a file nor a directory' || true; } >&2
 }
 
@@ -183,7 +225,8 @@ steps=("$@")
 for s in "${steps[@]}"; do
     case $s in
         engine | compose | base | wheels) timed "step_$s" ;;
+        wheels-cuda) timed step_wheels_cuda ;;
         env) step_env ;;
-        *) die "unknown step '$s' (steps: engine compose base wheels env)" ;;
+        *) die "unknown step '$s' (steps: engine compose base wheels wheels-cuda env)" ;;
     esac
 done

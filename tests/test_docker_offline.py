@@ -83,5 +83,6 @@ def test_unknown_step_is_one_error_line() -> None:
                           timeout=30)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "[docker-offline] ERROR: unknown step 'engines' (steps: engine compose base wheels env)"
+        "[docker-offline] ERROR: unknown step 'engines' "
+        "(steps: engine compose base wheels wheels-cuda env)"
     ]
