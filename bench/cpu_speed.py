@@ -3,7 +3,9 @@
 The baseline is what a first tutorial writes: random windows sliced from one token tensor,
 no DataLoader, plain AdamW, one `.item()` per step. tinytale's `fit()` does more (a
 DataLoader over story-split windows, validation every epoch, checkpoints, grad-norm
-clipping with a NaN guard, a tracker), and must still be at least as fast.
+clipping with a NaN guard, and tracking: the MLflow tracker, logging to a real local
+`mlflow server` that this script starts), and must still be at least as fast. fit() runs
+twice a round, with the null tracker and with the MLflow one, so tracking's share shows too.
 
 Both run in this process on the same model shape, batch and token count, alternating
 A B B A so drift of a shared machine hits both. Prints a table and one JSON line.
@@ -27,9 +29,10 @@ from torch.utils.data import default_collate
 import tinytale.data as data_mod
 import tinytale.train as train_mod
 from tinytale.config import load_config
+from tinytale.mlflow_tracker.local_server import LocalServer
 from tinytale.model import param_groups
 from tinytale.run import build_model, prepare_data
-from tinytale.tracking import NullTracker
+from tinytale.tracking import NullTracker, RunInfo
 from tinytale.train import fit
 
 SETTINGS = {
@@ -62,16 +65,28 @@ def baseline_tokens_per_sec(cfg, tokens: torch.Tensor, vocab_size: int, steps: i
     return steps * B * T / (time.perf_counter() - start)
 
 
-def tinytale_tokens_per_sec(cfg, data) -> tuple[float, float]:
-    """fit() for one epoch: (training tokens/s, tokens/s counting validation and checkpoints)."""
+def tinytale_tokens_per_sec(cfg, data, tracking_uri: str | None = None) -> tuple[float, float]:
+    """fit() for one epoch: (training tokens/s, tokens/s counting validation and checkpoints).
+
+    With `tracking_uri`, fit() reports to the MLflow tracker as `tinytale train` does; closing
+    the run (the final flush) happens after the clock stops, as registration does in train.
+    """
     torch.manual_seed(0)
     model = build_model(cfg, data.tokenizer.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
+        tracker = NullTracker()
+        if tracking_uri:
+            from tinytale.mlflow_tracker import MlflowTracker
+
+            tracker = MlflowTracker(cfg, tracking_uri)
+            tracker.start(RunInfo(experiment="bench-cpu-speed", run_name="fit",
+                                  params=cfg.flat(), local_dir=Path(tmp)))
         start = time.perf_counter()
-        result = fit(model, data, cfg.train, NullTracker(), Path(tmp), torch.device("cpu"),
+        result = fit(model, data, cfg.train, tracker, Path(tmp), torch.device("cpu"),
                      checkpoint_extra={"config": cfg.to_dict(),
                                        "tokenizer": data.tokenizer.to_dict()})
         wall = time.perf_counter() - start
+        tracker.finish(result.status)
     epoch = result.state.history[-1]
     tokens = result.state.step * cfg.train.batch_size * cfg.model.block_size
     return epoch["tokens_per_sec"], tokens / wall
@@ -126,36 +141,43 @@ def ablate(setting: str, repeats: int) -> dict:
     return out
 
 
-def measure(setting: str, repeats: int = 3) -> dict:
-    cfg = load_config(None, [*SETTINGS[setting], "train.epochs=1", "train.device=cpu"])
+def measure(setting: str, repeats: int = 3, tracking_uri: str | None = None) -> dict:
+    """Rounds of the eager loop, fit() with the null tracker and (with a server) fit() tracked.
+
+    The variants take turns in a rotating order, and each fit() ratio is the median of its
+    per-round ratios to the eager loop of the same round.
+    """
+    cfg = load_config(None, [*SETTINGS[setting], "train.epochs=1", "train.device=cpu",
+                             "tracking.samples=0"])
     data = prepare_data(cfg)
     steps = len(data.train) // cfg.train.batch_size
-    base, ours, ours_all = [], [], []
-    fit_rounds = [tinytale_tokens_per_sec(cfg, data)]  # warm-up, not counted
-    del fit_rounds
-    baseline_tokens_per_sec(cfg, data.train.tokens, data.tokenizer.vocab_size, 5)
-    for i in range(repeats):
-        # A B, then B A, so neither side is always the one that runs second.
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for side in order:
-            if side == 0:
-                base.append(baseline_tokens_per_sec(cfg, data.train.tokens,
-                                                    data.tokenizer.vocab_size, steps))
+    variants = ["eager", "fit"] + (["fit+mlflow"] if tracking_uri else [])
+    train_tps: dict[str, list[float]] = {v: [] for v in variants}
+    all_tps: dict[str, list[float]] = {v: [] for v in variants}
+    # Round 0 is a warm-up of every variant, not counted: the first rounds of a process run
+    # measurably slower (allocator, caches), which would flatter whichever variant runs later.
+    for i in range(repeats + 1):
+        for v in variants[i % len(variants):] + variants[:i % len(variants)]:
+            if v == "eager":
+                t = a = baseline_tokens_per_sec(cfg, data.train.tokens,
+                                                data.tokenizer.vocab_size, steps)
             else:
-                train_tps, all_tps = tinytale_tokens_per_sec(cfg, data)
-                ours.append(train_tps)
-                ours_all.append(all_tps)
-    return {
-        "setting": setting,
-        "steps_per_round": steps,
-        "threads": torch.get_num_threads(),
-        "baseline_tokens_per_sec": statistics.median(base),
-        "tinytale_tokens_per_sec": statistics.median(ours),
-        "tinytale_tokens_per_sec_with_validation": statistics.median(ours_all),
-        "ratio": statistics.median(o / b for o, b in zip(ours, base, strict=True)),
-        "ratio_with_validation": statistics.median(
-            o / b for o, b in zip(ours_all, base, strict=True)),
-    }
+                t, a = tinytale_tokens_per_sec(cfg, data, tracking_uri if v == "fit+mlflow"
+                                               else None)
+            if i > 0:
+                train_tps[v].append(t)
+                all_tps[v].append(a)
+    base = train_tps["eager"]
+    out = {"setting": setting, "steps_per_round": steps, "threads": torch.get_num_threads(),
+           "repeats": repeats, "baseline_tokens_per_sec": statistics.median(base)}
+    for v in variants[1:]:
+        key = v.replace("+", "_")
+        out[f"{key}_tokens_per_sec"] = statistics.median(train_tps[v])
+        out[f"{key}_ratio"] = statistics.median(
+            o / b for o, b in zip(train_tps[v], base, strict=True))
+        out[f"{key}_ratio_with_validation"] = statistics.median(
+            o / b for o, b in zip(all_tps[v], base, strict=True))
+    return out
 
 
 def main() -> None:
@@ -163,21 +185,31 @@ def main() -> None:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="baby-gpt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-tracking", action="store_true",
+                        help="leave out the fit() variant that tracks to a local MLflow server")
     parser.add_argument("--ablate", action="store_true",
                         help="also measure what fused AdamW and batched windows each buy")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = measure(args.setting, args.repeats)
+    with contextlib.ExitStack() as stack:
+        uri = None
+        if not args.no_tracking:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            server = LocalServer(root).start()
+            stack.callback(server.stop)
+            uri = server.url
+        r = measure(args.setting, args.repeats, uri)
     if args.ablate:
         r["speedup_from"] = ablate(args.setting, args.repeats)
-    print(f"setting {r['setting']}: {r['steps_per_round']} steps/round, "
-          f"{r['threads']} threads, median of {args.repeats}")
-    print(f"  eager baseline        {r['baseline_tokens_per_sec']:>10.0f} tok/s")
-    print(f"  tinytale fit()        {r['tinytale_tokens_per_sec']:>10.0f} tok/s  "
-          f"ratio {r['ratio']:.3f}")
-    print(f"  fit() incl. val+ckpt  {r['tinytale_tokens_per_sec_with_validation']:>10.0f} tok/s  "
-          f"ratio {r['ratio_with_validation']:.3f}")
+    print(f"setting {r['setting']}: {r['steps_per_round']} steps a round, "
+          f"{r['threads']} threads, {args.repeats} rounds (medians; ratios paired by round)")
+    print(f"  {'eager baseline':<30} {r['baseline_tokens_per_sec']:>8.0f} tok/s")
+    for key, label in (("fit", "fit(), null tracker"), ("fit_mlflow", "fit(), MLflow tracker")):
+        if f"{key}_ratio" in r:
+            print(f"  {label:<30} {r[f'{key}_tokens_per_sec']:>8.0f} tok/s  ratio "
+                  f"{r[f'{key}_ratio']:.3f}; {r[f'{key}_ratio_with_validation']:.3f} counting "
+                  "validation and checkpoints")
     for change, ratio in r.get("speedup_from", {}).items():
         print(f"  {change:<21} buys x{ratio:.3f} (shipped / with it undone)")
     print(json.dumps(r))

@@ -5,7 +5,7 @@ tokenized once into memory-mapped token files (timed separately: a one-off, cach
 then the same char-level model trains for a fixed number of steps on batches drawn
 from the whole corpus. Sizes run in one process, in interleaved rounds (side by side).
 
-    python bench/data_scale.py --sizes-mb 1 10 100 1000 --steps 60
+    python bench/data_scale.py --sizes-mb 1 10 100 1000 --steps 40 --repeats 9
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 10, 100])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     results, trainers = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,14 +108,19 @@ def main() -> None:
         for result, trainer, rate in zip(results, trainers, rates, strict=True):
             tokens = trainer.cfg.train.batch_size * trainer.cfg.model.block_size
             result["tokens_per_sec"] = round(statistics.median(rate) * tokens)
+            # Within a round the sizes run back to back, so a round's ratio cancels the drift
+            # of a shared machine that a ratio of medians over the whole run keeps.
+            result["vs_smallest_paired"] = round(statistics.median(
+                r / r0 for r, r0 in zip(rate, rates[0], strict=True)), 3)
         del trainers  # close the memory maps before the folder goes
-    base = results[0]["tokens_per_sec"]
     print(f"{'corpus':>10} {'train tokens':>13} {'tokenize':>9} {'reopen':>8} {'tok/s':>8} "
           f"{'vs smallest':>11}")
     for r in results:
         print(f"{r['corpus_mb']:>8.1f}MB {r['train_tokens']:>13,} {r['tokenize_once_s']:>8.1f}s "
               f"{r['cached_open_s']:>7.3f}s {r['tokens_per_sec']:>8} "
-              f"{r['tokens_per_sec'] / base:>11.2f}")
+              f"{r['vs_smallest_paired']:>11.3f}")
+    print(f"({args.repeats} interleaved rounds of {args.steps} steps; vs smallest = median over "
+          "rounds of this size's tokens/s over the smallest's in the same round)")
     print(json.dumps({"data_scale": results}))
 
 
