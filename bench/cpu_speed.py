@@ -7,8 +7,9 @@ clipping with a NaN guard, and tracking: the MLflow tracker, logging to a real l
 `mlflow server` that this script starts), and must still be at least as fast. fit() runs
 twice a round, with the null tracker and with the MLflow one, so tracking's share shows too.
 
-Both run in this process on the same model shape, batch and token count, alternating
-A B B A so drift of a shared machine hits both. Prints a table and one JSON line.
+All variants run in this process on the same model shape, batch and token count, taking
+turns in a rotating order so drift of a shared machine hits each alike. Prints a table and
+one JSON line.
 
     python bench/cpu_speed.py --setting baby-gpt --repeats 3
 """
