@@ -528,8 +528,9 @@ def test_cuda_image_builds_and_runs_on_the_cpu(docker_env: dict[str, str]) -> No
     compose = ["docker", "compose", "--project-directory", str(REPO), "--profile", "gpu"]
     done = _run([*compose, "build", "trainer-gpu"], docker_env, BUILD_TIMEOUT_S * 2)
     assert done.returncode == 0, done.stderr[-4000:]
-    image = json.loads(_run([*compose, "config", "--format", "json"], docker_env, 60).stdout)[
-        "services"]["trainer-gpu"]["image"]
+    config = _run([*compose, "config", "--format", "json"], docker_env, 60)
+    assert config.returncode == 0, config.stderr
+    image = json.loads(config.stdout)["services"]["trainer-gpu"]["image"]
 
     # The build's own check passed; ask the image again, and that NVML's bindings are there.
     probe = ("import torch, pynvml; "
