@@ -182,3 +182,39 @@ def test_server_restarted_mid_run(fresh_mlflow_server, tmp_path):
     assert_once_per_epoch(client, summary["run_id"], epochs)
     assert client.get_model_version_by_alias("tinytale", "champion").tags["run_id"] == \
         summary["run_id"]
+
+
+def test_server_back_while_finish_waits(fresh_mlflow_server, tmp_path):
+    """The server is away for the whole run and comes back while finish() waits for it:
+    the summary the user reads names the run and the model version, not "pending"."""
+    server = fresh_mlflow_server
+    server.stop()
+    env = {**os.environ, "TINYTALE_TRACKING_WAIT_S": "120"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("tinytale")), "train", *sets(TINY),
+         "--set", "tracking.system_metrics=false", "--tracking-uri", server.url,
+         "--out", str(tmp_path / "runs"), "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until training is over and finish() is waiting
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached finish()"
+            found = list((tmp_path / "runs").rglob(SPOOL_NAME))
+            if found and any(r.get("op") == "end" for r in spool_records(found[0])):
+                break
+            time.sleep(0.05)
+        server.start()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["registered_version"] == "1", summary
+    assert "registration" not in summary and "spool" not in summary, summary
+    client = MlflowClient(server.url)
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    assert client.get_model_version_by_alias("tinytale", "champion").tags["run_id"] == \
+        summary["run_id"]

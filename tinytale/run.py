@@ -235,10 +235,15 @@ def train_run(
             if samples:
                 tracker.log_text("samples.txt", "\n\n---\n\n".join(samples))
             summary.update(tracker.log_best_model(result.best_checkpoint, summary))
-        return RunOutcome(result, summary)
     finally:
-        tracker.finish(status)
+        late = tracker.finish(status)
         distributed.teardown(dist)
+    for key, value in late.items():  # e.g. registered during finish's wait for the server
+        if value is None:
+            summary.pop(key, None)
+        else:
+            summary[key] = value
+    return RunOutcome(result, summary)
 
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:

@@ -59,8 +59,13 @@ class Tracker:
         """Seconds this tracker has cost the run so far (for the summary); none by default."""
         return {}
 
-    def finish(self, status: str) -> None:
-        """Close the run: status is FINISHED, FAILED or KILLED. Flush everything first."""
+    def finish(self, status: str) -> dict[str, Any]:
+        """Close the run: status is FINISHED, FAILED or KILLED. Flush everything first.
+
+        Returns what became known only while closing, to correct the run's summary: a
+        model version registered once a server came back, say. A None value means the
+        summary's entry of that name no longer holds."""
+        return {}
 
 
 class NullTracker(Tracker):
@@ -111,9 +116,11 @@ class FanoutTracker(Tracker):
                 result[k] = result.get(k, 0.0) + v
         return result
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str) -> dict[str, Any]:
+        result: dict[str, Any] = {}
         for t in self.trackers:
-            t.finish(status)
+            result.update(t.finish(status) or {})
+        return result
 
 
 EPOCH_COLUMNS = (

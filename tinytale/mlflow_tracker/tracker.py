@@ -61,6 +61,7 @@ class MlflowTracker(Tracker):
         self._nonfinite = 0
         self._tmpdir: str | None = None
         self._loop_s = 0.0  # wall time the training loop spent in our calls
+        self._pending_model: int | None = None  # seq of a model record log_best_model left unsent
 
     @property
     def run_id(self) -> str | None:  # type: ignore[override]
@@ -270,11 +271,17 @@ class MlflowTracker(Tracker):
             out.update(registered_model=tracking.registered_model if tracking.register
                        else None, registered_version=None, registration="pending",
                        spool=str(self.spool.path))
+            self._pending_model = rec["seq"]
         return out
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str) -> dict[str, Any]:
+        """Sends what is left, waiting up to finish_wait_s() for an unreachable server.
+
+        Returns the run id and the registration when they became known only here, as
+        when the server came back while this waited, so the summary does not call a
+        registered model pending."""
         if self.spool is None:
-            return
+            return {}
         if self._monitor is not None:
             self._monitor.finish()
         best, best_epoch = self._best
@@ -318,6 +325,13 @@ class MlflowTracker(Tracker):
         self.spool.close()
         if self._tmpdir and not self.replayer.pending():
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+        late: dict[str, Any] = {}
+        if self.replayer.run_id:
+            late["run_id"] = self.replayer.run_id
+        seq = self._pending_model
+        if seq is not None and self.replayer.acked >= seq and self.replayer.registered:
+            late.update(_public(self.replayer.registered), registration=None, spool=None)
+        return late
 
 
 def _missing_folders(folder: Path) -> list[Path]:
