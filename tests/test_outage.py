@@ -50,6 +50,31 @@ def sync(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def start_train(url: str, out: Path, wait_s: int, *args: str,
+                **env_extra: str) -> subprocess.Popen:
+    """`tinytale train` on TINY as a real process logging to `url`, waiting up to `wait_s`
+    for the server when the run ends."""
+    env = {**os.environ, "TINYTALE_TRACKING_WAIT_S": str(wait_s), **env_extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("tinytale")), "train", *sets(TINY), *args,
+         "--set", "tracking.system_metrics=false", "--tracking-uri", url,
+         "--out", str(out), "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def registered_summary(proc: subprocess.Popen, out: str, err: str, url: str) -> dict:
+    """The run's --json summary, checked: version 1 is registered, the champion, of this run."""
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["registered_version"] == "1", (summary, err[-2000:])
+    client = MlflowClient(url)
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    assert client.get_model_version_by_alias("tinytale", "champion").tags["run_id"] == \
+        summary["run_id"]
+    return summary
+
+
 def test_log_metrics_never_waits_for_a_dead_server(tmp_path, monkeypatch):
     """Against a port where nothing listens, the loop's calls cost microseconds."""
     from tinytale.config import load_config
@@ -126,14 +151,8 @@ def test_server_restarted_mid_run(fresh_mlflow_server, tmp_path):
     """
     server = fresh_mlflow_server
     epochs = 20
-    env = {**os.environ, "TINYTALE_TRACKING_FLUSH_S": "0.3", "TINYTALE_TRACKING_WAIT_S": "120"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    tinytale = Path(sys.executable).with_name("tinytale")
-    proc = subprocess.Popen(
-        [str(tinytale), "train", *sets(TINY), "--set", f"train.epochs={epochs}",
-         "--set", "tracking.system_metrics=false", "--tracking-uri", server.url,
-         "--out", str(tmp_path / "runs"), "--json"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_train(server.url, tmp_path / "runs", 120, "--set", f"train.epochs={epochs}",
+                       TINYTALE_TRACKING_FLUSH_S="0.3")
 
     def epoch_records(spool: Path) -> list[dict]:
         return [r for r in spool_records(spool)
@@ -173,15 +192,8 @@ def test_server_restarted_mid_run(fresh_mlflow_server, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["registered_version"] == "1", err[-2000:]
-    client = MlflowClient(server.url)
-    run = client.get_run(summary["run_id"])
-    assert run.info.status == "FINISHED"
-    assert_once_per_epoch(client, summary["run_id"], epochs)
-    assert client.get_model_version_by_alias("tinytale", "champion").tags["run_id"] == \
-        summary["run_id"]
+    summary = registered_summary(proc, out, err, server.url)
+    assert_once_per_epoch(MlflowClient(server.url), summary["run_id"], epochs)
 
 
 def test_server_back_while_finish_waits(fresh_mlflow_server, tmp_path):
@@ -189,13 +201,7 @@ def test_server_back_while_finish_waits(fresh_mlflow_server, tmp_path):
     the summary the user reads names the run and the model version, not "pending"."""
     server = fresh_mlflow_server
     server.stop()
-    env = {**os.environ, "TINYTALE_TRACKING_WAIT_S": "120"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("tinytale")), "train", *sets(TINY),
-         "--set", "tracking.system_metrics=false", "--tracking-uri", server.url,
-         "--out", str(tmp_path / "runs"), "--json"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_train(server.url, tmp_path / "runs", 120)
     try:
         deadline = time.monotonic() + 120
         while True:  # until training is over and finish() is waiting
@@ -210,11 +216,5 @@ def test_server_back_while_finish_waits(fresh_mlflow_server, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["registered_version"] == "1", summary
+    summary = registered_summary(proc, out, err, server.url)
     assert "registration" not in summary and "spool" not in summary, summary
-    client = MlflowClient(server.url)
-    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
-    assert client.get_model_version_by_alias("tinytale", "champion").tags["run_id"] == \
-        summary["run_id"]
