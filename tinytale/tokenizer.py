@@ -8,6 +8,7 @@ Every tokenizer has an end-of-story token (`eos_id`), round-trips through a JSON
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -54,14 +55,23 @@ class _VocabTokenizer:
 
     def encode(self, text: str) -> list[int]:
         pieces = self._split(text)
-        missing = sorted({p for p in pieces if p not in self._index})
+        missing = [p for p in pieces if p not in self._index]
         if missing:
-            shown = ", ".join(repr(m) for m in missing[:8])
-            raise TokenizerError(
-                f"the {self.kind} tokenizer does not know the {self._unit}s {shown}; "
-                f"use only {self._unit}s from the training corpus."
-            )
+            raise self._unknown(missing)
         return [self._index[p] for p in pieces]
+
+    def _unknown(self, missing: Sequence[str]) -> TokenizerError:
+        """One sentence naming the unknown symbols (first 8, in order) and, for a vocabulary
+        small enough to read (the lesson's 24 words), every symbol that would work."""
+        missing = list(dict.fromkeys(missing))
+        unit = self._unit if len(missing) == 1 else f"{self._unit}s"
+        shown = ", ".join(repr(m) for m in missing[:8])
+        if len(missing) > 8:
+            shown += f" and {len(missing) - 8} more"
+        known = [s for s in self.symbols if s != EOS]
+        hint = f" (it has {len(known)}: {' '.join(known)})" if len(known) <= 40 else ""
+        return TokenizerError(f"the {self.kind} tokenizer does not know the {unit} {shown}; "
+                              f"use only {self._unit}s from the training corpus{hint}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "symbols": self.symbols}
@@ -75,19 +85,64 @@ class _VocabTokenizer:
         return np.asarray(ids, dtype=np.int64)
 
 
+# A word with its inner apostrophes and hyphens ("miller's", "well-known"), or any other
+# single non-space character: how a typed prompt falls apart into corpus-style tokens.
+_PROMPT_PIECE = re.compile(r"\w+(?:['\u2019-]\w+)*|[^\w\s]")
+
+
+def _fold(word: str) -> str:
+    """Case and apostrophe style do not matter in a prompt: 'Once' is 'once', 'don’t' 'don't'."""
+    return word.casefold().replace("\u2019", "'")
+
+
 class WordTokenizer(_VocabTokenizer):
-    """Whitespace-separated words; punctuation must stand apart (as in the lesson corpus)."""
+    """Whitespace-separated words, exactly as the corpus spells them (the lesson corpus is
+    lowercase with punctuation standing apart).
+
+    Training text is split on whitespace only, so corpus ids never depend on the rules below.
+    A prompt word the vocabulary lacks is matched ignoring case, and else split into words and
+    punctuation ("Time," -> "time" ","), so what a person types works over known words.
+    """
 
     kind = "word"
     _unit = "word"
+
+    def __init__(self, symbols: Sequence[str]):
+        super().__init__(symbols)
+        # Several spellings can fold alike ("The", "the"): the one already folded wins, else
+        # the first in vocabulary order, so a prompt always means the same ids.
+        self._folded: dict[str, int] = {}
+        for i, symbol in enumerate(self.symbols):
+            key = _fold(symbol)
+            if key not in self._folded or symbol == key:
+                self._folded[key] = i
 
     @classmethod
     def train(cls, stories: Iterable[str]) -> WordTokenizer:
         words = sorted({w for story in stories for w in story.split()} - {EOS})
         return cls([EOS, *words])
 
-    def _split(self, text: str) -> list[str]:
-        return text.split()
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        missing: list[str] = []
+        for word in text.split():
+            exact = self._index.get(word)
+            if exact is not None:  # every corpus word: training takes this path only
+                ids.append(exact)
+                continue
+            folded = self._folded.get(_fold(word))
+            if folded is not None:
+                ids.append(folded)
+                continue
+            for piece in _PROMPT_PIECE.findall(word):
+                found = self._index.get(piece, self._folded.get(_fold(piece)))
+                if found is None:
+                    missing.append(piece)
+                else:
+                    ids.append(found)
+        if missing:
+            raise self._unknown(missing)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         words = [self.symbols[i] for i in ids]
