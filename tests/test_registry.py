@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -168,12 +169,16 @@ def test_runs_listing(registry):
 
 PYFUNC_CLIENT = """
 import json, sys
+from pathlib import Path
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
 out = {
     "list": model.predict(["once upon a time", "the king"], params={"max_new_tokens": 6}),
     "frame": model.predict(pd.DataFrame({"prompt": ["once upon a time"]})),
+    "samples": model.predict(["Once upon a time,"], params={"num_samples": 3, "seed": 1,
+                                                            "max_new_tokens": 6}),
     "tinytale": sys.modules["tinytale"].__file__,
+    "requirements": Path(mlflow.pyfunc.get_model_dependencies(sys.argv[1])).read_text(),
 }
 print(json.dumps(out))
 """
@@ -191,7 +196,14 @@ def test_pyfunc_loads_in_a_fresh_process(registry, tmp_path):
     assert len(out["list"]) == 2 and out["list"][0].startswith("once upon a time")
     assert out["list"][1].startswith("the king")
     assert len(out["frame"]) == 1 and out["frame"][0].startswith("once upon a time")
+    assert len(out["samples"]) == 3 and all(t.startswith("Once upon a time,")
+                                            for t in out["samples"])
     assert f"{os.sep}code{os.sep}tinytale{os.sep}" in out["tinytale"]  # shipped with the model
+    # Ranges, not the trainer's exact versions: a load elsewhere must not warn about them.
+    requirements = out["requirements"].split()
+    assert {r.split("<")[0].split(">")[0] for r in requirements} >= {"mlflow", "torch"}
+    assert not [r for r in requirements if "==" in r], requirements
+    assert "mismatches between the model's dependencies" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
@@ -216,16 +228,43 @@ def test_mlflow_models_serve_answers_invocations(registry, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "mlflow models serve did not come up"
                 time.sleep(0.5)
-        body = json.dumps({"inputs": ["once upon a time"], "params": {"max_new_tokens": 5}})
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            answer = json.loads(r.read())
-        assert answer["predictions"][0].startswith("once upon a time")
+        status, answer = invoke(port, {"inputs": ["once upon a time"],
+                                       "params": {"max_new_tokens": 5}})
+        assert status == 200 and answer["predictions"][0].startswith("once upon a time")
+        # num_samples texts per prompt, prompt by prompt, in one flat list
+        status, answer = invoke(port, {"inputs": ["Once upon a time,", "The king"], "params": {
+            "max_new_tokens": 5, "num_samples": 2, "seed": 7}})
+        texts = answer["predictions"]
+        assert status == 200 and len(texts) == 4, answer
+        assert all(t.startswith("Once upon a time,") for t in texts[:2]), texts
+        assert all(t.startswith("The king") for t in texts[2:]), texts
+        # The client's mistakes: HTTP 400 and one sentence naming the input or the param.
+        for body, expected in (
+            ({"inputs": ["once upon a time", "Once upon a wizard!"]},
+             "inputs[1] 'Once upon a wizard!': the word tokenizer does not know the words "
+             "'wizard', '!'; use only words from the training corpus (it has 23: "),
+            ({"inputs": ["once"], "params": {"top_p": 0.0}},
+             "params.top_p=0.0 is out of range; use a value in (0, 1]"),
+        ):
+            status, answer = invoke(port, body)
+            assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+            assert answer["message"].startswith(expected), answer
+            assert "\n" not in answer["message"] and "stack_trace" not in answer, answer
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
+
+
+def invoke(port: int, body: dict) -> tuple[int, dict]:
+    """POST to a served model's /invocations: the HTTP status and the JSON answer."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                 json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def test_early_stopped_run_registers_its_best_checkpoint(mlflow_server, tmp_path):

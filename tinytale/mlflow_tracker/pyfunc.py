@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import math
 import shutil
 import tempfile
@@ -26,9 +25,36 @@ PYFUNC_CODE = '''\
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-DEFAULTS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": -1}
+DEFAULTS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": -1,
+            "num_samples": 1}
+# One request holds a server worker until its last sample is done: bound the batch.
+MAX_SAMPLES = 64
+
+
+class RequestError(MlflowException):
+    """A request the client can fix: HTTP 400 whose JSON `message` is one sentence.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised by predict to
+    start with a dump of the whole input (`Failed to predict data '<DataFrame>'. Error: ...`);
+    the message keeps its first value so that the answer is only the sentence that says what
+    to fix. Any other exception becomes MLflow's generic 400 with a traceback in the JSON.
+    """
+
+    def __init__(self, message):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self):
+        return self._message
+
+    @message.setter
+    def message(self, value):
+        if "_message" not in self.__dict__:
+            self._message = value
 
 
 def _prompts(model_input):
@@ -51,6 +77,25 @@ def _prompts(model_input):
     return prompts
 
 
+def _checked(params):
+    """The sampling settings, or RequestError naming the first bad one and its range.
+
+    MLflow has already cast each value to the signature's type (and dropped unknown names).
+    """
+    p = {**DEFAULTS, **(params or {})}
+    ranges = {
+        "max_new_tokens": (p["max_new_tokens"] >= 1, "1 or more (default 100)"),
+        "temperature": (p["temperature"] >= 0, "0 (greedy) or more (default 0.8)"),
+        "top_k": (p["top_k"] >= 0, "0 (all tokens) or more"),
+        "top_p": (0 < p["top_p"] <= 1, "a value in (0, 1], e.g. 0.9 (1 keeps every token)"),
+        "num_samples": (1 <= p["num_samples"] <= MAX_SAMPLES, f"1 to {MAX_SAMPLES}"),
+    }
+    for name, (ok, fix) in ranges.items():
+        if not ok:
+            raise RequestError(f"params.{name}={p[name]!r} is out of range; use {fix}.")
+    return p
+
+
 class TinytaleModel(PythonModel):
     def load_context(self, context):
         from tinytale.run import load_model
@@ -58,17 +103,25 @@ class TinytaleModel(PythonModel):
         self.model, self.tokenizer, _ = load_model(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
+        """`num_samples` continuations of every prompt, as one flat list of strings: prompt
+        by prompt, so text j of prompt i is at i * num_samples + j. Prompt i samples with
+        seed + i (the CLI's --seed for the first prompt gives the same texts)."""
+        from tinytale.errors import UserError
         from tinytale.run import complete
 
-        p = {**DEFAULTS, **(params or {})}
+        p = _checked(params)
         seed = int(p["seed"])
         out = []
         for i, prompt in enumerate(_prompts(model_input)):
-            out.extend(complete(
-                self.model, self.tokenizer, prompt, int(p["max_new_tokens"]),
-                float(p["temperature"]), int(p["top_k"]), float(p["top_p"]),
-                seed=None if seed < 0 else seed + i,
-            ))
+            try:
+                out.extend(complete(
+                    self.model, self.tokenizer, prompt, int(p["max_new_tokens"]),
+                    float(p["temperature"]), int(p["top_k"]), float(p["top_p"]),
+                    seed=None if seed < 0 else seed + i, num_samples=int(p["num_samples"]),
+                ))
+            except UserError as exc:  # an unknown word: the client's to fix, not a bug
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                raise RequestError(f"inputs[{i}] {shown!r}: {exc}") from None
         return out
 
 
@@ -91,19 +144,24 @@ def _signature() -> Any:
             ParamSpec("top_k", "long", 0),
             ParamSpec("top_p", "double", 1.0),
             ParamSpec("seed", "long", -1),
+            ParamSpec("num_samples", "long", 1),
         ]),
     )
 
 
-def _requirements() -> list[str]:
-    reqs = []
-    for dist in ("torch", "numpy", "pyyaml", "tokenizers", "pandas"):
-        try:
-            version = importlib.metadata.version(dist).split("+")[0]
-            reqs.append(f"{dist}=={version}")
-        except importlib.metadata.PackageNotFoundError:
-            reqs.append(dist)
-    return reqs
+# What loading and sampling the model imports, as ranges: exact pins of the trainer's
+# versions made every load in another environment warn (`pyyaml (current: 6.0.4, required:
+# pyyaml==6.0.3)`) although nothing the model uses differs. Lower bounds are tinytale's own
+# (pyproject.toml); upper bounds stop at the next major version. tokenizers is read only by
+# BPE models, pandas by the pyfunc wrapper; mlflow is named so that MLflow adds no pin of it.
+MODEL_REQUIREMENTS = [
+    "mlflow>=3.17,<4",
+    "torch>=2.4,<3",
+    "numpy>=1.26,<3",
+    "pyyaml>=6,<7",
+    "tokenizers>=0.19,<1",
+    "pandas>=2,<4",
+]
 
 
 def _package_copy(dest: Path) -> Path:
@@ -174,7 +232,7 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
                 info = Model.log(
                     artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
                     python_model=str(code_file), artifacts={"checkpoint": str(weights)},
-                    code_paths=[str(package)], pip_requirements=_requirements(),
+                    code_paths=[str(package)], pip_requirements=list(MODEL_REQUIREMENTS),
                     signature=_signature(), step=int(best_epoch or 0),
                     model_id=pending.model_id,
                 )
