@@ -77,9 +77,13 @@ def test_one_value_per_epoch_per_metric(server_run):
     val = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
     train_ = {m.step: m.value for m in client.get_metric_history(run_id, "train_loss")}
     assert gap[2] == pytest.approx(val[2] - train_[2])
-    metrics = client.get_run(run_id).data.metrics
-    assert metrics["best_val_loss"] == pytest.approx(summary["best_val_loss"])
-    assert metrics["best_epoch"] == summary["best_epoch"]
+    run = client.get_run(run_id)
+    metrics, tags = run.data.metrics, run.data.tags
+    # The run's summary numbers are tags: charts are for per-epoch curves only.
+    assert float(tags["tinytale.best_val_loss"]) == pytest.approx(summary["best_val_loss"])
+    assert int(tags["tinytale.best_epoch"]) == summary["best_epoch"]
+    assert tags["tinytale.epochs"] == "3"
+    assert not {"best_val_loss", "best_epoch", "epochs"} & set(metrics), sorted(metrics)
     # step-level metrics every 2 optimizer steps, each step once
     steps = steps_of(client, run_id, "train_loss_step")
     assert steps and all(s % 2 == 0 for s in steps) and len(steps) == len(set(steps))

@@ -170,7 +170,9 @@ def _human_summary(summary: dict[str, Any]) -> str:
         if summary.get("best_val_loss") is not None else "no epoch finished",
         f"checkpoint: {summary.get('checkpoint')}",
     ]
-    if summary.get("run_id"):
+    if summary.get("run_url"):
+        lines.append(f"mlflow run: {summary['run_url']}")
+    elif summary.get("run_id"):
         lines.append(f"mlflow run: {summary['run_id']}")
     if summary.get("registered_version"):
         lines.append(f"registered: models:/{summary['registered_model']}/"

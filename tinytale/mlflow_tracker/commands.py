@@ -16,8 +16,9 @@ from tinytale.mlflow_tracker.replay import Refused, Replayer, Unreachable
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool, _public
 from tinytale.mlflow_tracker.uris import (
     _client,
-    _is_embedded,
     check_tracking_uri,
+    missing_hint,
+    require_store,
     resolve_tracking_uri,
     server_healthy,
 )
@@ -80,9 +81,7 @@ def sync_spool(spool_path: Path, tracking_uri: str | None = None) -> dict[str, A
 def list_runs(experiment: str, tracking_uri: str | None = None,
               max_results: int = 100) -> list[dict[str, Any]]:
     uri = resolve_tracking_uri(tracking_uri)
-    if _is_embedded(uri) and not Path(uri[len("sqlite:///"):]).exists():
-        raise UserError(f"no MLflow store at {uri}; run `tinytale train` here first or pass "
-                        "--tracking-uri.")
+    require_store(uri, f"the runs of experiment '{experiment}'")
     if not server_healthy(uri):
         raise UserError(f"MLflow server {uri} is unreachable; start it or pass another "
                         "--tracking-uri.")
@@ -90,20 +89,23 @@ def list_runs(experiment: str, tracking_uri: str | None = None,
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise UserError(f"MLflow experiment '{experiment}' does not exist at {uri}; pass "
-                        "--experiment with the name you trained with.")
+                        f"--experiment with the name you trained with{missing_hint(uri, False)}.")
     rows = []
     for run in client.search_runs([exp.experiment_id], max_results=max_results,
                                   order_by=["attributes.start_time DESC"]):
         m, t = run.data.metrics, run.data.tags
         epochs = t.get("tinytale.epochs") or m.get("epochs")
+        # Tags since the summary left the charts; metrics in runs logged before that.
+        best_val = t.get("tinytale.best_val_loss") or m.get("best_val_loss")
+        best_epoch = t.get("tinytale.best_epoch") or m.get("best_epoch")
         rows.append({
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
             "status": run.info.status,
             "start_time": run.info.start_time,
             "epochs": int(float(epochs)) if epochs is not None else None,
-            "best_val_loss": m.get("best_val_loss"),
-            "best_epoch": int(m["best_epoch"]) if "best_epoch" in m else None,
+            "best_val_loss": float(best_val) if best_val is not None else None,
+            "best_epoch": int(float(best_epoch)) if best_epoch is not None else None,
             "registered_model": t.get("tinytale.registered_model"),
             "registered_version": t.get("tinytale.registered_version"),
         })
@@ -113,14 +115,12 @@ def list_runs(experiment: str, tracking_uri: str | None = None,
 def download_checkpoint(source: str, tracking_uri: str | None = None) -> Path:
     """models:/NAME@ALIAS, models:/NAME/VERSION or a run id -> local path of its checkpoint."""
     uri = resolve_tracking_uri(tracking_uri)
-    if _is_embedded(uri) and not Path(uri[len("sqlite:///"):]).exists():
-        raise UserError(f"'{source}' is not a checkpoint file, and there is no MLflow store "
-                        f"at {uri} to look it up in; pass a .pt path or --tracking-uri.")
+    require_store(uri, f"'{source}' (it is not a checkpoint file)")
     if not server_healthy(uri):
         raise UserError(f"MLflow server {uri} is unreachable, so '{source}' cannot be "
                         "fetched; start it or pass a checkpoint file.")
     client = _client(uri)
-    location = _model_location_of(client, source)
+    location = _model_location_of(client, source, uri)
     dest = Path(tempfile.mkdtemp(prefix="tinytale-ckpt-"))
     try:
         local = mlflow.artifacts.download_artifacts(
@@ -135,7 +135,7 @@ def download_checkpoint(source: str, tracking_uri: str | None = None) -> Path:
     return found[0]
 
 
-def _model_location_of(client: MlflowClient, source: str) -> str:
+def _model_location_of(client: MlflowClient, source: str, uri: str) -> str:
     """Where the pyfunc model directory of `source` lies (an artifact URI)."""
     if source.startswith("models:/"):
         rest = source[len("models:/"):]
@@ -151,8 +151,8 @@ def _model_location_of(client: MlflowClient, source: str) -> str:
                                 "models:/NAME@ALIAS or models:/NAME/VERSION.")
         except MlflowException:
             raise UserError(f"model '{source}' does not exist in the registry; check the name, "
-                            "alias or version (`tinytale runs` lists registered versions).") \
-                from None
+                            "alias or version (`tinytale runs` lists registered versions)"
+                            f"{missing_hint(uri)}.") from None
         model_id = mv.model_id
         if not model_id and mv.source.startswith("models:/m-"):
             model_id = mv.source[len("models:/"):].strip("/")
@@ -163,7 +163,8 @@ def _model_location_of(client: MlflowClient, source: str) -> str:
         run = client.get_run(source)
     except MlflowException:
         raise UserError(f"'{source}' is not a checkpoint file, a models:/ URI or a known MLflow "
-                        "run id; check it, or pass --tracking-uri for another store.") from None
+                        f"run id; check it, or pass --tracking-uri for another store"
+                        f"{missing_hint(uri)}.") from None
     model_id = run.data.tags.get("tinytale.model_id")
     if not model_id:
         outputs = run.outputs.model_outputs if run.outputs else []

@@ -97,12 +97,15 @@ def _quote(value: str) -> str:
     return f"'{value}'"
 
 
-def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
+def _experiment_ids(client: Any, experiment: str | None, uri: str = "") -> list[str]:
     if experiment:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
+            from tinytale.mlflow_tracker.uris import missing_hint
+
+            hint = missing_hint(uri) if uri else ""
             raise UserError(f"MLflow experiment '{experiment}' does not exist at this tracking "
-                            "URI; check --experiment and --tracking-uri.")
+                            f"URI; check --experiment and --tracking-uri{hint}.")
         return [exp.experiment_id]
     return [e.experiment_id for e in client.search_experiments(max_results=1000)]
 
@@ -155,22 +158,27 @@ def find_runs(tracking_uri: str | None, refs: Sequence[str] = (), experiment: st
     * `experiment` alone: its newest `limit` runs that are not sweep parents, oldest first;
       with refs or a sweep it only narrows where names and sweeps are looked up.
     """
+    from tinytale.mlflow_tracker.uris import missing_hint, require_store
+
     if not refs and not sweep and not experiment:
         raise UserError("nothing to compare; give run ids or names, --experiment NAME or "
                         "--sweep NAME.")
-    client = _client(tracking_uri)
-    exp_ids = _experiment_ids(client, experiment)
+    uri = tracking_uri_or_default(tracking_uri)
+    require_store(uri, f"sweep '{sweep}'" if sweep else "runs to compare")
+    client = _client(uri)
+    exp_ids = _experiment_ids(client, experiment, uri)
     if not exp_ids:
-        raise UserError("this tracking URI holds no experiments yet; train some runs first.")
+        raise UserError(f"this tracking URI holds no experiments yet; train some runs first"
+                        f"{missing_hint(uri)}.")
     found: list[Any] = []
     for ref in refs:
-        found.append(_resolve_ref(client, exp_ids, ref, experiment))
+        found.append(_resolve_ref(client, exp_ids, ref, experiment, uri))
     if sweep:
         points = _search(client, exp_ids, f"tags.`{SWEEP_TAG}` = {_quote(sweep)}")
         if not points:
             where = f" in experiment '{experiment}'" if experiment else ""
             raise UserError(f"no runs of sweep '{sweep}'{where}; check the name (the sweep "
-                            "file's name:) or run `tinytale sweep` first.")
+                            f"file's name:) or run `tinytale sweep` first{missing_hint(uri)}.")
         newest: dict[str, Any] = {}  # a point run again (--rerun) shows its newest run
         for run in points:
             newest[run.data.tags.get(OVERRIDES_TAG) or run.info.run_id] = run
@@ -181,13 +189,15 @@ def find_runs(tracking_uri: str | None, refs: Sequence[str] = (), experiment: st
                          order_by=("attributes.start_time DESC",))
         newest = [r for r in newest if SWEEP_PARENT_TAG not in r.data.tags][:limit]
         if not newest:
-            raise UserError(f"MLflow experiment '{experiment}' holds no runs yet.")
+            raise UserError(f"MLflow experiment '{experiment}' holds no runs yet"
+                            f"{missing_hint(uri)}.")
         found.extend(reversed(newest))
     unique = {r.info.run_id: r for r in found}
     return [_to_curves(r) for r in unique.values()]
 
 
-def _resolve_ref(client: Any, exp_ids: Sequence[str], ref: str, experiment: str | None) -> Any:
+def _resolve_ref(client: Any, exp_ids: Sequence[str], ref: str, experiment: str | None,
+                 uri: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     if _RUN_ID.match(ref):
@@ -198,9 +208,11 @@ def _resolve_ref(client: Any, exp_ids: Sequence[str], ref: str, experiment: str 
     runs = _search(client, exp_ids, f"attributes.run_name = {_quote(ref)}", max_results=1,
                    order_by=("attributes.start_time DESC",))
     if not runs:
+        from tinytale.mlflow_tracker.uris import missing_hint
+
         where = f" in experiment '{experiment}'" if experiment else ""
         raise UserError(f"no run with id or name '{ref}'{where}; list runs in the MLflow UI "
-                        "or pass --experiment.")
+                        f"or pass --experiment{missing_hint(uri)}.")
     return runs[0]
 
 

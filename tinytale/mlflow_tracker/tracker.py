@@ -21,7 +21,7 @@ from tinytale.errors import UserError
 from tinytale.mlflow_tracker.replay import Refused, Replayer, Unreachable
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool, _public
 from tinytale.mlflow_tracker.system_metrics import _system_monitor
-from tinytale.mlflow_tracker.uris import check_access, resolve_tracking_uri
+from tinytale.mlflow_tracker.uris import check_access, resolve_tracking_uri, run_url
 from tinytale.tracking import RunInfo, Tracker
 
 log = logging.getLogger("tinytale.mlflow")
@@ -128,7 +128,15 @@ class MlflowTracker(Tracker):
         self._thread = threading.Thread(target=self._background, name="tinytale-mlflow",
                                         daemon=True)
         self._thread.start()
+        if self.run_url():
+            print(f"mlflow run: {self.run_url()}", file=sys.stderr, flush=True)
         return self.run_id
+
+    def run_url(self) -> str | None:
+        """The run's charts in the MLflow UI (servers only; None before the run exists)."""
+        if self.replayer is None:
+            return None
+        return run_url(self.uri, self.replayer.experiment_id, self.replayer.run_id)
 
     def _undo_start(self, resumed: bool, made: list[Path]) -> None:
         """Leave the disk as start() found it, so that a later run is not confused by this one.
@@ -264,6 +272,8 @@ class MlflowTracker(Tracker):
         out: dict[str, Any] = {"tracking_uri": self.uri}
         if self.replayer.run_id:
             out["run_id"] = self.replayer.run_id
+        if self.run_url():
+            out["run_url"] = self.run_url()
         if self.replayer.acked >= rec["seq"] and self.replayer.registered:
             out.update(_public(self.replayer.registered))
             out["registration_time_s"] = round(time.perf_counter() - t0, 3)
@@ -284,13 +294,14 @@ class MlflowTracker(Tracker):
             return {}
         if self._monitor is not None:
             self._monitor.finish()
+        # The run's summary numbers are tags, not metrics: as metrics the UI drew each as a
+        # one-point chart, listed before the per-epoch curves a user opens the run for.
         best, best_epoch = self._best
-        final = {"epochs": float(self._last_epoch)}
+        summary = {"tinytale.epochs": str(self._last_epoch)}
         if math.isfinite(best):
-            final.update(best_val_loss=best, best_epoch=float(best_epoch))
-        self.spool.append({"op": "m", "step": self._last_epoch, "ts": _now_ms(),
-                           "metrics": final})
-        self.spool.append({"op": "tags", "tags": {"tinytale.epochs": str(self._last_epoch)}})
+            summary.update({"tinytale.best_val_loss": f"{best:.6g}",
+                            "tinytale.best_epoch": str(best_epoch)})
+        self.spool.append({"op": "tags", "tags": summary})
         self.spool.append({"op": "end", "status": status, "ts": _now_ms()})
         self._stop.set()
         if self._thread is not None:
@@ -328,6 +339,8 @@ class MlflowTracker(Tracker):
         late: dict[str, Any] = {}
         if self.replayer.run_id:
             late["run_id"] = self.replayer.run_id
+        if self.run_url():
+            late["run_url"] = self.run_url()
         seq = self._pending_model
         if seq is not None and self.replayer.acked >= seq and self.replayer.registered:
             late.update(_public(self.replayer.registered), registration=None, spool=None)

@@ -222,3 +222,87 @@ def check_access(uri: str, experiment: str) -> None:
         if refusal is not None:
             raise UserError(f"{refusal[0]}; {refusal[1]}.") from None
         # Anything else is the replayer's to retry or to report.
+
+
+# --------------------------------------------------------------------------- the MLflow UI
+
+# The UI (3.x) opens an experiment in GenAI mode (traces) unless the URL asks for the training
+# view; the `mlflow.experimentKind` tag does not switch it.
+UI_MODE = "workflowType=machine_learning"
+
+
+def ui_base(uri: str) -> str | None:
+    """Where a person's browser reaches the UI of the server at `uri`; None for local stores.
+
+    A trainer container logs to http://mlflow:5000, which no browser on the host can open:
+    compose tells it the published address in TINYTALE_MLFLOW_UI_URL.
+    """
+    if not _is_http(uri):
+        return None
+    return (os.environ.get("TINYTALE_MLFLOW_UI_URL") or uri).rstrip("/")
+
+
+def run_url(uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
+    """The run's page in the MLflow UI, in Model training mode, on its charts."""
+    base = ui_base(uri)
+    if base is None or not experiment_id or not run_id:
+        return None
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{UI_MODE}"
+
+
+def sweep_charts_url(uri: str, experiment_id: str | None, sweep: str) -> str | None:
+    """The experiment's chart view with every point of `sweep` drawn side by side.
+
+    The filter matches the point runs; sorting by a metric (not by date) makes the UI list
+    them flat instead of folded under their parent run, so each point's curves are drawn.
+    """
+    base = ui_base(uri)
+    if base is None or not experiment_id:
+        return None
+    query = urllib.parse.urlencode({
+        "searchFilter": f'tags.`tinytale.sweep` = "{sweep}"',
+        "orderByKey": "metrics.`val_loss`", "orderByAsc": "true",
+        "compareRunsMode": "CHART",
+    }, quote_via=urllib.parse.quote)
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_MODE}&{query}"
+
+
+# --------------------------------------------------------------------------- reading stores
+
+
+def compose_server_hint(uri: str) -> str | None:
+    """The fix naming the compose stack's server, when one answers there and `uri` is not it.
+
+    Host commands default to ./mlflow.db; after `docker compose up` or a launched sweep the
+    runs are on the stack's server instead, and this says so.
+    """
+    from tinytale.launch import host_tracking_uri
+
+    stack = host_tracking_uri()
+    if uri.rstrip("/") == stack or not server_healthy(stack, timeout=0.5):
+        return None
+    return (f"an MLflow server answers on {stack} (the compose stack's port): pass "
+            f"--tracking-uri {stack} or export MLFLOW_TRACKING_URI={stack}")
+
+
+def require_store(uri: str, looking_for: str) -> None:
+    """Refuse to read a local SQLite store that does not exist, instead of creating it.
+
+    Opening a missing sqlite:/// store makes MLflow create an empty one: a read-only command
+    would leave a 1 MB mlflow.db behind and then report that nothing is in it.
+    """
+    if not _is_embedded(uri):
+        return
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not db.exists():
+        fix = compose_server_hint(uri) or ("run it from the folder you trained in, or pass "
+                                           "--tracking-uri")
+        raise UserError(f"there is no MLflow store at {db} to look up {looking_for} in; {fix}.")
+
+
+def missing_hint(uri: str, name_store: bool = True) -> str:
+    """Where a search found nothing: the store it searched, and the stack's server if it is up."""
+    hint = compose_server_hint(uri)
+    if not name_store:
+        return f"; or {hint}" if hint else ""
+    return f" (searched {uri}{'; or ' + hint if hint else ''})"

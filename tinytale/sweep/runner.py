@@ -54,6 +54,8 @@ class SweepResult:
     parent_run_id: str
     points: list[PointResult]
     interrupted: str | None = None  # the signal name when the sweep was stopped
+    tracking_uri: str = ""  # where the host reads the results (the stack's server for --launch)
+    experiment_id: str | None = None
 
     @property
     def failed(self) -> int:
@@ -177,6 +179,9 @@ def run_sweep(
         "sweep.base": str(spec.base), "sweep.points": len(spec.points),
         "sweep.grid_keys": ",".join(dict.fromkeys(k for p in spec.points for k in p.overrides)),
     }, spec.text)
+    exp_id = mr.ensure_experiment(uri, exp_name)
+    for line in links(uri, exp_id, spec.name, parent_id):
+        echo(line)
     known_ids = {r.run_id for r in before}
     log_dir = out / spec.name / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +201,7 @@ def run_sweep(
         if done is not None and not rerun:
             results[i] = PointResult(
                 i + 1, point.run_name, resolved[i], "SKIPPED", done.run_id,
-                best_val_loss=done.latest.get("best_val_loss"),
+                best_val_loss=_best_val_loss(done),
                 error=None)
             echo(f"[{i + 1}/{total}] {point.run_name}: already finished in run "
                  f"{done.run_id}, skipped (--rerun runs it again)")
@@ -310,7 +315,37 @@ def run_sweep(
             "points_failed": failed,
         })
     return SweepResult(spec.name, exp_name, parent_id, [r for r in results if r is not None],
-                       procs.stopped)
+                       procs.stopped, uri, exp_id)
+
+
+def links(uri: str, experiment_id: str | None, sweep: str, parent_run_id: str) -> list[str]:
+    """The sweep's pages in the MLflow UI, when the store is a server (none for local files)."""
+    from tinytale.mlflow_tracker.uris import run_url, sweep_charts_url
+
+    parent = run_url(uri, experiment_id, parent_run_id)
+    charts = sweep_charts_url(uri, experiment_id, sweep)
+    return ([f"sweep parent run: {parent}"] if parent else []) + \
+        ([f"every point's curves: {charts}"] if charts else [])
+
+
+def read_back_commands(result: SweepResult) -> list[str]:
+    """The host commands that read this sweep's results, with the store they are in."""
+    from tinytale.mlflow_tracker.uris import default_tracking_uri
+
+    uri = result.tracking_uri
+    flag = "" if not uri or uri == default_tracking_uri() else f" --tracking-uri {uri}"
+    lines = [f"  tinytale compare --sweep {result.name}{flag} --out {result.name}.png",
+             f"  tinytale runs --experiment {result.experiment}{flag}"]
+    if not flag:
+        lines.append(f"  mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000")
+    return ["read the results:", *lines,
+            *links(uri, result.experiment_id, result.name, result.parent_run_id)]
+
+
+def _best_val_loss(run: Any) -> float | None:
+    """A finished run's best validation loss: its summary tag (older runs: the metric)."""
+    value = run.tags.get("tinytale.best_val_loss") or run.latest.get("best_val_loss")
+    return None if value is None else float(value)
 
 
 def _last_json(stdout: str) -> dict[str, Any]:
@@ -380,4 +415,4 @@ def render_results(result: SweepResult) -> str:
     stopped = f", stopped by {result.interrupted}" if result.interrupted else ""
     lines.append(f"sweep '{result.name}' in experiment '{result.experiment}', parent run "
                  f"{result.parent_run_id}: {result.failed} failed{stopped}")
-    return "\n".join(lines)
+    return "\n".join(lines + read_back_commands(result))
