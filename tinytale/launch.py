@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,4 +248,34 @@ def launch(
         code = _run(argv)
         if code != 0:
             return code
+    for line in read_back_commands(*_tracking_names(config, overrides, stack.project_dir)):
+        print(line, file=sys.stderr, flush=True)
     return 0
+
+
+def _tracking_names(config: str, overrides: Sequence[str], project_dir: Path
+                    ) -> tuple[str, str]:
+    """The MLflow experiment and registered model of the launched run, read from the config
+    where the host can see it; the defaults when it cannot."""
+    from tinytale.config import load_config
+
+    for candidate in (Path(config), project_dir / config):
+        if candidate.is_file():
+            try:
+                tracking = load_config(candidate, list(overrides)).tracking
+                return tracking.experiment, tracking.registered_model
+            except UserError:
+                break  # the container reports a bad config itself
+    return "tinytale", "tinytale"
+
+
+def read_back_commands(experiment: str, model: str = "tinytale") -> list[str]:
+    """What to type on the host to see a launched run: the stack's server, not ./mlflow.db."""
+    uri = host_tracking_uri()
+    return [
+        f"the run is on the stack's MLflow server, {uri}; from this host:",
+        f"  tinytale runs --experiment {experiment} --tracking-uri {uri}",
+        f"  tinytale compare --experiment {experiment} --tracking-uri {uri}",
+        f"  tinytale generate models:/{model}@champion --tracking-uri {uri}",
+        f"  UI: {uri}/#/experiments?workflowType=machine_learning",
+    ]

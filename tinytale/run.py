@@ -38,7 +38,7 @@ from tinytale.sample import generate
 from tinytale.tokencache import build_token_files, cached_tokenizer, content_hash
 from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from tinytale.tracking import RunInfo, Tracker
-from tinytale.train import FitResult, StopRequest, fit, seed_everything
+from tinytale.train import FitResult, StopRequest, diverged, fit, seed_everything
 
 
 def run_name_of(config: Config) -> str:
@@ -230,6 +230,17 @@ def train_run(
         status = result.status
         summary = {"run_id": run_id, **result.summary(), "vocab_size": data.tokenizer.vocab_size,
                    "run_dir": str(run_dir), **tracker.costs()}
+        summary["diverged"] = status == "FINISHED" and diverged(
+            summary["final_train_loss"], summary["final_val_loss"], data.tokenizer.vocab_size)
+        if summary["diverged"]:
+            guess = math.log(data.tokenizer.vocab_size)
+            tracker.on_event("diverged", {
+                "final_train_loss": summary["final_train_loss"],
+                "final_val_loss": summary["final_val_loss"], "guessing_loss": round(guess, 4),
+                "message": f"the run diverged: its last validation loss "
+                           f"{summary['final_val_loss']:.4g} is far above the guessing level "
+                           f"ln({data.tokenizer.vocab_size}) = {guess:.2f}; lower train.lr, "
+                           "or clip gradients with train.grad_clip"})
         if result.status == "FINISHED" and result.best_checkpoint is not None and dist.is_main:
             samples = sample_texts(result.best_checkpoint, config.tracking.samples)
             if samples:

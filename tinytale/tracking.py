@@ -127,11 +127,23 @@ EPOCH_COLUMNS = (
     ("epoch", "epoch", "{:>5d}"),
     ("train_loss", "train", "{:>7.4f}"),
     ("val_loss", "val", "{:>7.4f}"),
-    ("val_perplexity", "val_ppl", "{:>8.3f}"),
+    ("val_perplexity", "val_ppl", "{:>8.3f}"),  # see _cell: huge values in e-notation
     ("lr", "lr", "{:>9.2e}"),
     ("tokens_per_sec", "tok/s", "{:>8.0f}"),
     ("epoch_time_s", "time_s", "{:>6.2f}"),
 )
+
+
+def _cell(key: str, fmt: str, value: float) -> str:
+    """One table cell; a value too large for the column's fixed-point form (a diverging
+    run's perplexity) in e-notation of the same width, and inf as inf."""
+    if key == "epoch":
+        return fmt.format(int(value))
+    text = fmt.format(value)
+    width = len(fmt.format(0))
+    if len(text) > width and math.isfinite(value):
+        text = f"{value:>{width}.{max(0, width - 6)}e}"  # d.dde+XX fills width 8
+    return text
 
 
 class ConsoleTracker(Tracker):
@@ -173,11 +185,13 @@ class ConsoleTracker(Tracker):
         row = {**metrics, "epoch": step}
         cells = []
         for key, _, fmt in EPOCH_COLUMNS:
-            value = row.get(key, math.nan)
-            cells.append(fmt.format(int(value) if key == "epoch" else value))
+            cells.append(_cell(key, fmt, row.get(key, math.nan)))
         self._write(" ".join(cells))
 
     def on_event(self, name: str, detail: dict[str, Any]) -> None:
+        if "message" in detail:  # an event meant for a person: one warning line
+            self._write(f"warning: {detail['message']}")
+            return
         pretty = ", ".join(f"{k}={v}" for k, v in detail.items())
         self._write(f"[{name}] {pretty}")
 

@@ -392,5 +392,23 @@ def fit(
     return result("FINISHED")
 
 
+# exp(88.72) is float32's largest value: past it a perplexity, as torch computes it from a
+# float32 loss, is inf. Larger finite numbers would only print as 40- to 300-digit figures.
+PERPLEXITY_MAX_LOSS = 88.72
+
+
 def _safe_exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf
+    return math.exp(x) if x <= PERPLEXITY_MAX_LOSS else math.inf
+
+
+def diverged(final_train_loss: float | None, final_val_loss: float | None, vocab_size: int
+             ) -> bool:
+    """Whether a finished run ended far worse than guessing: its last epoch's train or
+    validation loss above twice the uniform-guessing level ln(V) (perplexity above V²).
+
+    A model at initialisation sits near ln(V), and an overfitting one climbs back towards it;
+    only a run blown up by its learning rate lands at twice that or beyond.
+    """
+    limit = 2 * math.log(max(2, vocab_size))
+    return any(loss is not None and not loss <= limit
+               for loss in (final_train_loss, final_val_loss))

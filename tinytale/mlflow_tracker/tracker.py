@@ -228,6 +228,8 @@ class MlflowTracker(Tracker):
         if name == "nonfinite":
             self._nonfinite += 1
             tags["tinytale.nonfinite_steps"] = str(self._nonfinite)
+        if name == "diverged":  # filter with tags.`tinytale.diverged` = "true"
+            tags["tinytale.diverged"] = "true"
         start = time.perf_counter()
         self.spool.append({"op": "tags", "tags": tags})
         self._loop_s += time.perf_counter() - start

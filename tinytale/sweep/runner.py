@@ -42,6 +42,7 @@ class PointResult:
     seconds: float = 0.0
     log: str | None = None
     error: str | None = None
+    diverged: bool = False  # finished far above the guessing loss (see train.diverged)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -273,7 +274,8 @@ def run_sweep(
         summary = _last_json(stdout.decode("utf-8", "replace"))
         result = PointResult(i + 1, point.run_name, resolved[i], "FINISHED",
                              summary.get("run_id"), summary.get("best_epoch"),
-                             summary.get("best_val_loss"), seconds, str(log_path))
+                             summary.get("best_val_loss"), seconds, str(log_path),
+                             diverged=bool(summary.get("diverged")))
         if proc.returncode != 0:
             killed = proc.returncode in (130, 143, -2, -15)
             result.status = "KILLED" if killed else "FAILED"
@@ -404,7 +406,8 @@ def _record_failure(mr: Any, uri: str, experiment: str, sweep: str, parent_id: s
 def render_results(result: SweepResult) -> str:
     rows = [("#", "run", "status", "best_epoch", "best_val_loss", "seconds", "run_id")]
     for p in result.points:
-        rows.append((str(p.index), p.run_name, p.status,
+        rows.append((str(p.index), p.run_name,
+                     f"{p.status} (diverged)" if p.diverged else p.status,
                      "-" if p.best_epoch is None else str(p.best_epoch),
                      "-" if p.best_val_loss is None else f"{p.best_val_loss:.4f}",
                      f"{p.seconds:.1f}" if p.seconds else "-", p.run_id or "-"))
