@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from holding import hold_env, wait_held
 
 from tinytale.checkpoint import load_checkpoint, save_checkpoint
 
@@ -25,21 +26,18 @@ def tinytale(*args: str) -> list[str]:
     return [sys.executable, "-m", "tinytale", *args]
 
 
-def start(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(tinytale("train", *ARGS, "--out", str(out), *extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early: {proc.communicate()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("condition not reached in time")
+def start_held(out: Path, hold: Path, epoch: int, batch: int, *extra: str) -> subprocess.Popen:
+    """Training that waits after micro-batch `batch` of `epoch` until it gets a signal (see
+    tests/holding.py): it cannot finish before the signal lands, however fast it trains."""
+    proc = subprocess.Popen(tinytale("train", *ARGS, "--out", str(out), *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=hold_env(hold, epoch, batch))
+    try:
+        wait_held(hold, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
 
 
 def last_state(out: Path) -> dict | None:
@@ -58,8 +56,7 @@ def history(out: Path) -> list[dict]:
 
 def test_sigterm_checkpoints_and_resume_auto_continues(tmp_path):
     out = tmp_path / "runs"
-    proc = start(out, "--set", "train.epochs=12")
-    wait_for(lambda: (s := last_state(out)) is not None and s["train_state"]["epoch"] >= 2, proc)
+    proc = start_held(out, tmp_path / "hold", 2, 3, "--set", "train.epochs=12")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 143, stderr
@@ -67,6 +64,7 @@ def test_sigterm_checkpoints_and_resume_auto_continues(tmp_path):
     assert summary["status"] == "KILLED"
     stopped = last_state(out)
     assert not stopped["finished"]
+    assert (stopped["train_state"]["epoch"], stopped["train_state"]["batch"]) == (2, 3)
 
     # A value that differs from the run's is not applied, and the log says so.
     resumed = subprocess.run(tinytale("train", *ARGS, "--out", str(out), "--resume", "auto",
@@ -86,13 +84,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     out = tmp_path / "b"
-    proc = start(out, *epochs)
-
-    def mid_epoch() -> bool:
-        s = last_state(out)
-        return s is not None and s["train_state"]["epoch"] >= 2 and s["train_state"]["batch"] > 0
-
-    wait_for(mid_epoch, proc)
+    # Held before the step of micro-batch 3 of epoch 2: one of steps 1 and 2 of the epoch
+    # wrote last.pt (every 2nd step of the run does), so the kill is mid-epoch.
+    proc = start_held(out, tmp_path / "hold", 2, 3, *epochs)
+    killed_at = last_state(out)["train_state"]
+    assert killed_at["epoch"] == 2 and killed_at["batch"] in (1, 2), killed_at
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
