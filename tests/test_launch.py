@@ -283,8 +283,9 @@ def test_launched_sweep_runs_points_in_containers_nested_under_the_host_parent(
         "set": tiny | {"train.epochs": 2, "data.n_stories": 60, "tracking.samples": 0,
                        "train.num_threads": 1, "train.warmup_steps": 0},
         "grid": {"model.dropout": [0.0, 0.1]},
-        # Starts, then its loss turns non-finite: the container exits 1.
-        "points": [{"train.lr": 10, "train.grad_clip": 0, "train.epochs": 30}],
+        # Starts, then its weights overflow at step 1 on any CPU (AdamW's decay factor
+        # 1 - lr * weight_decay is about -3e297) and step 2's loss is NaN: it exits 1.
+        "points": [{"train.weight_decay": 1e300}],
     }, sort_keys=False))
     args = ["sweep", str(sweep), "--launch", "--device", "cpu", "--parallel", "2", "--json",
             "--tracking-uri", mlflow_server.url, "--out", str(tmp_path / "host")]
@@ -322,12 +323,13 @@ def test_launched_sweep_runs_points_in_containers_nested_under_the_host_parent(
     assert parent.info.run_name == "boxed" and parent.info.status == "FAILED"
     children = {r.info.run_name: r for r in client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
-    assert set(children) == {"dropout=0", "dropout=0.1", "lr=10,grad_clip=0,epochs=30"}
+    assert set(children) == {"dropout=0", "dropout=0.1", "weight_decay=1e+300"}
     assert children["dropout=0.1"].info.status == "FINISHED"
     assert children["dropout=0.1"].data.tags["tinytale.sweep"] == "boxed"
-    failed = children["lr=10,grad_clip=0,epochs=30"]
+    failed = children["weight_decay=1e+300"]
     # The container's own run, closed FAILED by the trainer (not a record made by the host).
-    assert failed.info.status == "FAILED" and failed.data.params["train.lr"] == "10.0"
+    assert failed.info.status == "FAILED" and \
+        failed.data.params["train.weight_decay"] == "1e+300"
     assert failed.info.run_id == result["points"][2]["run_id"]
     assert (tmp_path / "host" / "boxed" / "logs" / "dropout=0.1.log").is_file()
 
@@ -338,7 +340,7 @@ def test_launched_sweep_runs_points_in_containers_nested_under_the_host_parent(
     assert [p["status"] for p in again["points"]] == ["SKIPPED", "SKIPPED", "FAILED"]
     assert again["parent_run_id"] == parent_id
     new_runs = [c for c in _calls(calls_file)[len(calls):] if "run" in c]
-    assert [c[c.index("--run-name") + 1] for c in new_runs] == ["lr=10,grad_clip=0,epochs=30"]
+    assert [c[c.index("--run-name") + 1] for c in new_runs] == ["weight_decay=1e+300"]
 
 
 def test_launched_sweep_without_docker_is_one_sentence(

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import free_port
+from holding import hold_env, wait_held
 from test_compare import no_credentials, refusing_server  # noqa: F401 (fixtures used below)
 from typer.testing import CliRunner
 
@@ -292,9 +292,9 @@ def test_tiny_sweep_end_to_end(mlflow_server, tmp_path, tiny_overrides, monkeypa
 
 def test_a_point_failing_at_run_time_and_rerun(mlflow_server, tmp_path, tiny_overrides,
                                                monkeypatch):
-    """A point whose process starts, then fails (its loss turns non-finite at lr 10 without
-    clipping) is FAILED, the sweep goes on, the exit code counts it; `--rerun` trains every
-    point again from scratch, as new runs under the same parent."""
+    """A point whose process starts, then fails (its weights overflow at the first step, so
+    the loss of the second is NaN) is FAILED, the sweep goes on, the exit code counts it;
+    `--rerun` trains every point again from scratch, as new runs under the same parent."""
     from mlflow.tracking import MlflowClient
 
     (tmp_path / "tiny.yaml").write_text(
@@ -304,8 +304,11 @@ def test_a_point_failing_at_run_time_and_rerun(mlflow_server, tmp_path, tiny_ove
         "set": {k: yaml.safe_load(v) for k, v in (o.split("=") for o in tiny_overrides)}
         | {"train.epochs": 2, "data.n_stories": 60, "tracking.samples": 0,
            "train.num_threads": 1, "train.warmup_steps": 0},
-        "points": [{"train.lr": 10, "train.grad_clip": 0, "train.epochs": 30},
-                   {"model.dropout": 0.1}],
+        # AdamW scales each decayed matrix by (1 - lr * weight_decay) per step, about -3e297
+        # here, past float32's 3.4e38: after step 1 every such weight is +-inf on any CPU and
+        # step 2's loss is NaN. (lr=10 without clipping only diverges, and stays finite on
+        # AVX-512; lr is capped at 10, weight_decay is not.)
+        "points": [{"train.weight_decay": 1e300}, {"model.dropout": 0.1}],
     })
     args = ["sweep", str(sweep), "--tracking-uri", mlflow_server.url,
             "--out", str(tmp_path / "runs"), "--json"]
@@ -323,7 +326,8 @@ def test_a_point_failing_at_run_time_and_rerun(mlflow_server, tmp_path, tiny_ove
     assert parent.info.status == "FAILED" and parent.data.metrics["points_failed"] == 1
     failed = client.get_run(bad["run_id"])
     # The point's own run, which it opened and closed FAILED (not a record made by the sweep).
-    assert failed.info.status == "FAILED" and failed.data.params["train.lr"] == "10.0"
+    assert failed.info.status == "FAILED" and \
+        failed.data.params["train.weight_decay"] == "1e+300"
     assert failed.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert failed.data.tags["tinytale.sweep"] == "again"
 
@@ -353,7 +357,7 @@ def test_stopped_sweep_resumes_its_point_into_the_same_run(mlflow_server, tmp_pa
 
     (tmp_path / "tiny.yaml").write_text(
         "tracking:\n  experiment: sweep-resume\n  register: false\n")
-    epochs = 40
+    epochs = 4
     sweep = write(tmp_path, {
         "name": "stopped", "base": "tiny.yaml",
         "set": {k: yaml.safe_load(v) for k, v in (o.split("=") for o in tiny_overrides)}
@@ -365,26 +369,22 @@ def test_stopped_sweep_resumes_its_point_into_the_same_run(mlflow_server, tmp_pa
     argv = [sys.executable, "-m", "tinytale", "sweep", str(sweep), "--tracking-uri",
             mlflow_server.url, "--out", str(runs), "--json"]
     env = {**os.environ, "TINYTALE_TRACKING_FLUSH_S": "0.5", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-    def stopped_epoch() -> int:
-        try:
-            return peek_checkpoint(next(runs.rglob("last.pt")))["train_state"]["epoch"]
-        except Exception:  # not written yet, or being replaced right now
-            return 0
-
-    deadline = time.monotonic() + 120
-    while stopped_epoch() < 2:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the point wrote no checkpoint in 120 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    # The point waits in epoch 2 until the signal the sweep passes on has reached it (see
+    # tests/holding.py), so it cannot finish first however fast this machine trains.
+    hold = tmp_path / "hold"
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=hold_env(hold, 2, 1, env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_held(hold, proc)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 143, stderr
     first = json.loads(stdout.strip().splitlines()[-1])["points"][0]
     assert first["status"] == "KILLED", first
-    reached = stopped_epoch()
+    reached = peek_checkpoint(next(runs.rglob("last.pt")))["train_state"]["epoch"]
     assert 2 <= reached < epochs
 
     again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
