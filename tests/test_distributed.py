@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from conftest import free_port
+from holding import hold_env, wait_held
 from mlflow import MlflowClient
 
 from tinytale.checkpoint import load_checkpoint
@@ -160,21 +160,19 @@ def test_sizes_that_give_no_step_across_ranks_are_one_sentence(tmp_path):
 def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(tmp_path):
     """The ranks agree on a stop every STOP_AGREE_EVERY_STEPS steps and at epoch ends; had
     they stopped at different steps, the one left in a collective would fail, not exit 143."""
-    ranks, out = tmp_path / "ranks", tmp_path / "out"
-    # All 216 lesson stories, global batch 4: ~110 steps an epoch, so the signal lands
-    # mid-epoch and the ranks stop at the next multiple of STOP_AGREE_EVERY_STEPS.
+    ranks, out, hold = tmp_path / "ranks", tmp_path / "out", tmp_path / "hold"
+    # All 216 lesson stories, global batch 4: ~110 steps an epoch. Both ranks wait after the
+    # first micro-batch of epoch 2 until the signal has reached them (tests/holding.py), so
+    # on any machine they stop mid-epoch, at the next multiple of STOP_AGREE_EVERY_STEPS.
     proc = subprocess.Popen(
-        torchrun("train", *COMMON, "--set", "train.epochs=50", "--set", "train.batch_size=2",
+        torchrun("train", *COMMON, "--set", "train.epochs=3", "--set", "train.batch_size=2",
                  "--set", "data.n_stories=216",
                  "--out", str(out), wrapped=ranks),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=wrapped_env(ranks),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=hold_env(hold, 2, 1, wrapped_env(ranks)),
         start_new_session=True)  # its own process group, as a container's or a shell job's
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.rglob("last.pt")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        time.sleep(0.2)  # into epoch 2
+        wait_held(hold, proc, count=2)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.communicate(timeout=120)
     finally:
@@ -189,5 +187,5 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(tmp_path):
     assert summary["status"] == "KILLED"
     saved = load_checkpoint(next(out.rglob("last.pt")))
     state = saved["train_state"]
-    assert not saved["finished"] and state["epoch"] < 50
-    assert state["batch"] == 0 or state["step"] % STOP_AGREE_EVERY_STEPS == 0, state
+    assert not saved["finished"] and state["epoch"] == 2
+    assert state["batch"] > 0 and state["step"] % STOP_AGREE_EVERY_STEPS == 0, state
