@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a full test run: creates .venv, installs the CPU build
-# of torch and tinytale with its test tools, sets up Docker (scripts/docker-offline.sh: the
-# engine and compose v2 from Debian packages if missing, a local base image, a wheelhouse;
-# needs root or sudo) so the compose end-to-end test runs for real, and runs pytest.
+# of torch and tinytale with its test tools, headless Chromium for the MLflow UI test, sets
+# up Docker (scripts/docker-offline.sh: the engine and compose v2 from Debian packages if
+# missing, a local base image, a wheelhouse; needs root or sudo) so the compose end-to-end
+# test runs for real, and runs pytest.
 # TINYTALE_DOCKER=0 skips the Docker set-up (the e2e test then skips, except under CI=true,
 # where a missing engine fails loudly).
 # Extra arguments go to pytest, e.g. `scripts/test.sh -k cli -x`.
@@ -20,6 +21,14 @@ fi
 .venv/bin/python -m pip install -q ${TINYTALE_TORCH_INDEX:+--index-url "$TINYTALE_TORCH_INDEX"} \
   "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+
+# Headless Chromium and its driver for the MLflow UI test (Debian's packages; root or sudo).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+      chromium chromium-driver >/dev/null; } \
+    || echo "could not install chromium: tests/test_ui_browser.py will skip (fail under CI)" >&2
+fi
 
 if [ "${TINYTALE_DOCKER:-1}" != "0" ]; then
   # Prints `export NAME=value` lines for the e2e test (base image, wheelhouse, ...).
