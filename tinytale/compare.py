@@ -8,9 +8,11 @@ Definitions (all "lower is better" metrics: losses and perplexities):
 
 * best epoch: the epoch with the lowest value of the selected metric (the first one on ties;
   NaN/inf values are ignored).
-* overfitting onset: the first epoch `e` after which the metric rose for `patience` epochs in
-  a row, i.e. `v[e] < v[e+1] < ... < v[e+patience]` over consecutive logged epochs; `None`
-  when that never happens. With the default patience of 3, one noisy uptick is not an onset.
+* overfitting onset: the epoch where the metric bottoms out for good (the last epoch at its
+  lowest value), reported only once the metric afterwards stayed clearly above that lowest
+  value (by more than `ONSET_MARGIN`, 2% of it) for `patience` logged epochs in a row; `None`
+  while the run is still improving, has flattened out, or has only wobbled. So the onset is
+  never before the best epoch: noisy upticks on the way down are not memorisation.
 * final gap: validation loss minus training loss at the last epoch that has both.
 """
 
@@ -29,6 +31,10 @@ from tinytale.errors import UserError
 
 DEFAULT_METRIC = "val_loss"
 DEFAULT_PATIENCE = 3
+# How far above its lowest value the metric must stay to count as having risen: enough that a
+# flat bottom with small wobbles is not called a rise, far below what a memorising run climbs
+# (20% to 130% above its best in the shipped overfitting sweeps).
+ONSET_MARGIN = 0.02
 
 # The exact keys of one `--json` row, in column order; extra keys follow them.
 JSON_KEYS = (
@@ -100,23 +106,31 @@ def best_epoch(series: Sequence[tuple[int, float]]) -> tuple[int, float] | None:
     return best
 
 
-def overfit_onset(series: Sequence[tuple[int, float]], patience: int = DEFAULT_PATIENCE
-                  ) -> int | None:
-    """First epoch after which the value rose `patience` epochs in a row, else None.
+def overfit_onset(series: Sequence[tuple[int, float]], patience: int = DEFAULT_PATIENCE,
+                  margin: float = ONSET_MARGIN) -> int | None:
+    """The epoch after which the metric never got back to its best, once it clearly rose; else None.
 
-    A rise is a strict increase from one logged epoch to the next; a NaN/inf breaks a streak.
+    That epoch is the last one at the lowest finite value: on a flat bottom the climb starts
+    after its last epoch, and a curve that comes back down to its low has not overfitted yet.
+    It is reported once, somewhere after it, `patience` consecutive logged epochs all lie
+    more than `margin` (relative) above that low; a NaN/inf breaks such a run of epochs.
+    Taking the onset from the minimum, not from the first few rising epochs, keeps it from
+    landing on a noisy uptick while the curve is still falling overall.
     """
     if patience < 1:
         raise ValueError(f"patience must be at least 1, got {patience}")
-    streak = 0
-    for i in range(1, len(series)):
-        before, after = series[i - 1][1], series[i][1]
-        if math.isfinite(before) and math.isfinite(after) and after > before:
-            streak += 1
-            if streak >= patience:
-                return series[i - patience][0]
-        else:
-            streak = 0
+    finite = [(epoch, value) for epoch, value in series if math.isfinite(value)]
+    if not finite:
+        return None
+    low = min(value for _, value in finite)
+    bottom = max(i for i, (_, value) in enumerate(series) if value == low)
+    # abs(): the threshold must lie above `low` for a metric that can go negative too.
+    threshold = low + margin * abs(low)
+    above = 0
+    for _, value in series[bottom + 1:]:
+        above = above + 1 if math.isfinite(value) and value > threshold else 0
+        if above >= patience:
+            return series[bottom][0]
     return None
 
 
