@@ -20,6 +20,8 @@
 #                                  and compose publishes the port on the host's loopback only)
 #   TINYTALE_MLFLOW_PORT           port to listen on (default 5000)
 #   TINYTALE_MLFLOW_WORKERS        uvicorn workers (default 2)
+#   TINYTALE_MLFLOW_ACCESS_LOG     errors (default): log only requests answered 4xx/5xx; all:
+#                                  every request (each artifact upload, each /health check)
 #   TINYTALE_MLFLOW_MODEL_SOURCE_REGEX  model-version sources the registry accepts (default:
 #                                  `models:/m-<id>`, `runs:/...` and `mlflow-artifacts:/...`
 #                                  without `..`); passed to MLflow as
@@ -57,6 +59,11 @@ workers=${TINYTALE_MLFLOW_WORKERS:-2}
 [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] \
     || die "TINYTALE_MLFLOW_PORT='$port' is not a port number (1-65535)"
 [[ $workers =~ ^[1-9][0-9]*$ ]] || die "TINYTALE_MLFLOW_WORKERS='$workers' is not a positive number"
+access_log=${TINYTALE_MLFLOW_ACCESS_LOG:-errors}
+case $access_log in
+    errors | all) ;;
+    *) die "TINYTALE_MLFLOW_ACCESS_LOG='$access_log' is not 'errors' or 'all'" ;;
+esac
 
 # ---- Host header check: always on, always an explicit list --------------------------------
 allowed_hosts=${MLFLOW_SERVER_ALLOWED_HOSTS:-}
@@ -211,6 +218,67 @@ if [ "$auth" = 1 ]; then
     args+=(--app-name basic-auth)
     log "basic auth on (admin user '$admin_user'; users in $home/db/basic_auth.db)"
 fi
+if [ "$access_log" = errors ]; then
+    # uvicorn logs every request: with a trainer uploading artifacts and compose's healthcheck
+    # calling /health, that was three lines in four of `docker compose up`. Keep the requests
+    # that failed (MLflow answers its own errors, 5xx included, without logging them, so the
+    # access line is their only trace) and uvicorn's own messages, through a log config like
+    # MLflow's (mlflow/server/uvicorn_log_config.yaml) with a filter on the status code.
+    log_dir=$(mktemp -d "${TMPDIR:-/tmp}/tinytale-mlflow-log.XXXXXX") \
+        || die "cannot create a folder under ${TMPDIR:-/tmp} for the log configuration"
+    [[ $log_dir != *[[:space:]\'\"]* ]] || die "TMPDIR='${TMPDIR:-/tmp}' holds blanks or quotes; \
+use a plain path"
+    cat >"$log_dir/tinytale_access_log.py" <<'PY'
+"""uvicorn access-log filter of tinytale's MLflow server (written by mlflow-server.sh)."""
+
+import logging
+
+
+class Failures(logging.Filter):
+    """Pass requests answered with a 4xx or 5xx status; drop the successful ones."""
+
+    def filter(self, record):
+        # uvicorn's access record: args = (client, method, path, http version, status code)
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5:
+            try:
+                return int(args[4]) >= 400
+            except (TypeError, ValueError):
+                pass
+        return True  # a record of another shape: show it rather than lose it
+PY
+    cat >"$log_dir/uvicorn-log.json" <<'JSON'
+{
+  "version": 1,
+  "disable_existing_loggers": false,
+  "filters": {"failures": {"()": "tinytale_access_log.Failures"}},
+  "formatters": {
+    "default": {"()": "uvicorn.logging.DefaultFormatter",
+                "fmt": "%(asctime)s %(levelprefix)s %(message)s", "datefmt": "%Y/%m/%d %H:%M:%S"},
+    "access": {"()": "uvicorn.logging.AccessFormatter",
+               "fmt": "%(asctime)s %(levelprefix)s %(client_addr)s - \"%(request_line)s\" %(status_code)s",
+               "datefmt": "%Y/%m/%d %H:%M:%S"}
+  },
+  "handlers": {
+    "default": {"formatter": "default", "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr"},
+    "access": {"formatter": "access", "class": "logging.StreamHandler",
+               "stream": "ext://sys.stdout", "filters": ["failures"]}
+  },
+  "loggers": {
+    "uvicorn": {"handlers": ["default"], "level": "INFO"},
+    "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": false}
+  }
+}
+JSON
+    # uvicorn's workers import the filter by name: they inherit this search path.
+    export PYTHONPATH=$log_dir${PYTHONPATH:+:$PYTHONPATH}
+    args+=(--uvicorn-opts "--log-config $log_dir/uvicorn-log.json")
+fi
+# Each uvicorn worker warns at import that MLflow uses a deprecated starlette module: two lines
+# per worker at every start that say nothing about this server.
+export PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated:UserWarning${PYTHONWARNINGS:+,$PYTHONWARNINGS}"
+
 # The server process needs none of these; keep them out of its environment.
 unset TINYTALE_MLFLOW_ADMIN_PASSWORD TINYTALE_MLFLOW_SECRET_KEY admin_password secret_key
 
