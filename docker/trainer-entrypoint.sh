@@ -1,6 +1,6 @@
 #!/bin/sh
 # Entrypoint of the trainer images: runs its arguments (`tinytale ...`, or `torchrun ... -m
-# tinytale ...` in the GPU service) after one step. MLflow clients read the tracking password
+# tinytale ...` in the GPU service) after two steps. MLflow clients read the tracking password
 # only from MLFLOW_TRACKING_PASSWORD; with basic auth on, compose may hand it over as a secret
 # file instead (MLFLOW_TRACKING_PASSWORD_FILE), which is read here so that it never has to be
 # in the container's configuration. An empty file (compose's default) changes nothing.
@@ -24,4 +24,12 @@ if [ -z "${MLFLOW_TRACKING_PASSWORD:-}" ] && [ -n "$file" ]; then
     fi
 fi
 unset MLFLOW_TRACKING_PASSWORD_FILE file password
+# The commit the image was built from (docker/git-commit.py at build time): tinytale tags runs
+# with it where git cannot tell, and a container has no git and no .git.
+commit_file=/usr/local/share/tinytale/git-commit
+if [ -z "${TINYTALE_GIT_COMMIT:-}" ] && [ -s "$commit_file" ]; then
+    TINYTALE_GIT_COMMIT=$(cat "$commit_file")
+    export TINYTALE_GIT_COMMIT
+fi
+unset commit_file
 exec "$@"

@@ -1,0 +1,115 @@
+"""The docker/ scripts on the host, without an engine: the build's commit resolver on real git
+repositories, and the MLflow server's access log on a real `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+RESOLVER = REPO / "docker" / "git-commit.py"
+SERVER = REPO / "docker" / "mlflow-server.sh"
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def resolve(git_dir: Path, override: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(RESOLVER), str(git_dir), override],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True,
+                          check=True, timeout=30)
+    return done.stdout.strip()
+
+
+@needs_git
+def test_commit_resolver_agrees_with_git(tmp_path):
+    git(tmp_path, "init", "--quiet", "--initial-branch=main")
+    git(tmp_path, "commit", "--quiet", "--allow-empty", "-m", "first")
+    first = git(tmp_path, "rev-parse", "HEAD")
+    assert resolve(tmp_path / ".git").stdout.strip() == first  # a loose ref
+    git(tmp_path, "commit", "--quiet", "--allow-empty", "-m", "second")
+    git(tmp_path, "pack-refs", "--all")  # what `git gc` does: the ref only in packed-refs
+    second = git(tmp_path, "rev-parse", "HEAD")
+    assert not (tmp_path / ".git" / "refs" / "heads" / "main").exists()
+    assert resolve(tmp_path / ".git").stdout.strip() == second
+    git(tmp_path, "checkout", "--quiet", "--detach", first)
+    assert resolve(tmp_path / ".git").stdout.strip() == first
+
+
+def test_commit_resolver_without_git_and_with_an_override(tmp_path):
+    assert resolve(tmp_path).stdout == "\n"  # no HEAD: unknown, and not an error
+    (tmp_path / "HEAD").write_text("ref: refs/heads/gone\n")
+    assert resolve(tmp_path).stdout == "\n"
+    assert resolve(tmp_path, "ABC1234").stdout == "abc1234\n"
+    bad = resolve(tmp_path, "main")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "git-commit: ERROR: TINYTALE_GIT_COMMIT='main' is not a commit hash; pass "
+        "`git rev-parse HEAD` or leave it empty."]
+
+
+def test_server_logs_failed_requests_only(tmp_path):
+    """Successful requests (artifact uploads, /health) leave no line; failed ones do."""
+    port = free_port()
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TINYTALE_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               TMPDIR=str(tmp_path / "tmp"), TINYTALE_MLFLOW_HOME=str(tmp_path / "mlflow"),
+               TINYTALE_MLFLOW_PORT=str(port), TINYTALE_MLFLOW_WORKERS="1",
+               MLFLOW_SERVER_ALLOWED_HOSTS=f"127.0.0.1:{port}")
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(["bash", str(SERVER)], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+        urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1",
+                               timeout=30).close()
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get?experiment_id=424242",
+                                   timeout=30)
+        assert failed.value.code == 404
+        deadline = time.monotonic() + 10
+        while "experiment_id=424242" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    text = log.read_text()
+    assert '"GET /api/2.0/mlflow/experiments/get?experiment_id=424242 HTTP/1.1" 404' in text, text
+    assert "/health" not in text and "experiments/search" not in text, text
+    assert "Application startup complete" in text  # uvicorn's own messages stay
+    assert "StarletteDeprecationWarning" not in text
+
+
+def test_server_refuses_an_unknown_access_log_setting(tmp_path):
+    env = {**os.environ, "TINYTALE_MLFLOW_ACCESS_LOG": "quiet",
+           "MLFLOW_SERVER_ALLOWED_HOSTS": "localhost:*", "TINYTALE_MLFLOW_HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(SERVER)], env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "mlflow-server: ERROR: TINYTALE_MLFLOW_ACCESS_LOG='quiet' is not 'errors' or 'all'"]
