@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from conftest import TINY, free_port
+from holding import hold_env, release, wait_held
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -51,10 +51,10 @@ def sync(*args: str) -> dict:
 
 
 def start_train(url: str, out: Path, wait_s: int, *args: str,
-                **env_extra: str) -> subprocess.Popen:
+                base_env: dict[str, str] | None = None, **env_extra: str) -> subprocess.Popen:
     """`tinytale train` on TINY as a real process logging to `url`, waiting up to `wait_s`
     for the server when the run ends."""
-    env = {**os.environ, "TINYTALE_TRACKING_WAIT_S": str(wait_s), **env_extra}
+    env = {**(base_env or os.environ), "TINYTALE_TRACKING_WAIT_S": str(wait_s), **env_extra}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(
         [str(Path(sys.executable).with_name("tinytale")), "train", *sets(TINY), *args,
@@ -145,45 +145,41 @@ def test_server_down_at_start_then_sync(mlflow_server, tmp_path, monkeypatch):
 def test_server_restarted_mid_run(fresh_mlflow_server, tmp_path):
     """Stop the server after epoch 1 reached it, restart it later: nothing lost or doubled.
 
-    The trainer is frozen (SIGSTOP) while the server shuts down, so the epochs after the
-    outage began are known to exist however fast this machine trains: without it a quick
-    run finished most of its epochs during the server's own graceful shutdown.
+    The trainer is held at the start of epoch 2 (tests/holding.py) until epoch 1 is on the
+    server and the server has shut down, so the epochs after the outage began exist however
+    fast this machine trains: without it a quick run finished most of its epochs during the
+    server's own graceful shutdown.
     """
     server = fresh_mlflow_server
-    epochs = 20
+    epochs = 6
+    hold = tmp_path / "hold"
     proc = start_train(server.url, tmp_path / "runs", 120, "--set", f"train.epochs={epochs}",
-                       TINYTALE_TRACKING_FLUSH_S="0.3")
+                       base_env=hold_env(hold, 2, 1), TINYTALE_TRACKING_FLUSH_S="0.3")
 
     def epoch_records(spool: Path) -> list[dict]:
         return [r for r in spool_records(spool)
                 if r.get("op") == "m" and "val_loss" in r["metrics"]]
 
     try:
-        spool = None
+        wait_held(hold, proc)
+        spool = next((tmp_path / "runs").rglob(SPOOL_NAME))
         deadline = time.monotonic() + 120
         # Wait until epoch 1 is acknowledged by the server.
         while True:
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "epoch 1 never reached the server"
-            found = list((tmp_path / "runs").rglob(SPOOL_NAME))
-            if found:
-                spool = found[0]
-                recs = spool_records(spool)
-                acked = max((r["upto"] for r in recs if r.get("op") == "ack"), default=0)
-                epoch_seqs = [r["seq"] for r in epoch_records(spool)]
-                if epoch_seqs and acked >= epoch_seqs[0]:
-                    break
+            acked = max((r["upto"] for r in spool_records(spool) if r.get("op") == "ack"),
+                        default=0)
+            epoch_seqs = [r["seq"] for r in epoch_records(spool)]
+            if epoch_seqs and acked >= epoch_seqs[0]:
+                break
             time.sleep(0.05)
-        proc.send_signal(signal.SIGSTOP)
-        try:
-            before_outage = len(epoch_records(spool))
-            assert before_outage + 2 <= epochs, "the run all but finished before the outage"
-            server.stop()
-        finally:
-            proc.send_signal(signal.SIGCONT)
+        assert len(epoch_seqs) == 1, "held in epoch 2, yet more than epoch 1 was logged"
+        server.stop()
+        release(hold)
         # Training goes on while the server is away: more epochs are spooled.
         deadline = time.monotonic() + 120
-        while len(epoch_records(spool)) < before_outage + 2:
+        while len(epoch_records(spool)) < 3:
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "training stopped while the server was down"
             time.sleep(0.1)

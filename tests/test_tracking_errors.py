@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY
+from holding import hold_env, release, wait_held
 from mlflow import MlflowClient
 from test_outage import spool_records
 from test_security import Shipped, _has_auth_extra, _spawn, _wait_healthy, needs_auth_extra
@@ -369,12 +369,13 @@ def test_a_password_changed_mid_run_then_sync(
     after epoch 1 reached the server. Training finishes (exit 0) and says what is pending;
     `tinytale sync RUN_DIR` with the new password sends the rest, each epoch once.
 
-    The trainer is frozen (SIGSTOP) while the password changes, so that epochs are still to
-    come after it however fast this machine trains (as in test_outage.py).
+    The trainer is held at the start of epoch 2 (tests/holding.py) while the password
+    changes, so that epochs are still to come after it however fast this machine trains
+    (as in test_outage.py).
     """
     user, password = new_user(authed)
     name = f"rotated-{uuid.uuid4().hex[:8]}"
-    epochs = 20  # of the whole lesson corpus: long enough to be cut in the middle
+    epochs = 4
     out = tmp_path / "runs"
     env = clean_env(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password,
                     TINYTALE_TRACKING_FLUSH_S="0.2")
@@ -382,27 +383,24 @@ def test_a_password_changed_mid_run_then_sync(
                  "tracking.system_metrics=false", f"tracking.registered_model={name}"]
     argv = [str(Path(sys.executable).with_name("tinytale")), "train", *sets(overrides),
             "--experiment", name, "--tracking-uri", url(authed), "--out", str(out), "--json"]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    hold = tmp_path / "hold"
+    proc = subprocess.Popen(argv, env=hold_env(hold, 2, 1, env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
+        wait_held(hold, proc)
+        spool = next(out.rglob(SPOOL_NAME))
         deadline = time.monotonic() + 180
         while True:  # until epoch 1 is on the server
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "epoch 1 never reached the server"
-            found = list(out.rglob(SPOOL_NAME))
-            if found:
-                recs = spool_records(found[0])
-                epoch_seqs = [r["seq"] for r in recs
-                              if r.get("op") == "m" and "val_loss" in r["metrics"]]
-                if epoch_seqs and acked(found[0]) >= epoch_seqs[0]:
-                    break
+            epoch_seqs = [r["seq"] for r in spool_records(spool)
+                          if r.get("op") == "m" and "val_loss" in r["metrics"]]
+            if epoch_seqs and acked(spool) >= epoch_seqs[0]:
+                break
             time.sleep(0.05)
-        proc.send_signal(signal.SIGSTOP)
-        try:
-            assert len(epoch_seqs) + 2 <= epochs, "the run all but finished before the change"
-            set_password(authed, user, new_password := secrets.token_urlsafe(18))
-        finally:
-            proc.send_signal(signal.SIGCONT)
+        assert len(epoch_seqs) == 1, "held in epoch 2, yet more than epoch 1 was logged"
+        set_password(authed, user, new_password := secrets.token_urlsafe(18))
+        release(hold)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
