@@ -1,5 +1,7 @@
 """Built-in corpora, user files, tokenizers and the story split."""
 
+import re
+
 import pytest
 
 from tinytale.corpus import CorpusError, lesson, load_corpus
@@ -30,6 +32,35 @@ def test_builtin_corpora_are_deterministic_and_seedable(name):
 
 def test_fairy_corpus_is_large_enough():
     assert len("\n\n".join(load_corpus("fairy"))) >= 200_000
+
+
+# Roles that say who the hero is; the others (tailor, shepherd, ...) fit anyone.
+SHE_ROLES = ("daughter", "girl", "princess")
+HE_ROLES = ("son", "boy", "prince")
+PRONOUN = re.compile(r"\b(she|her|hers|he|him|his)\b", re.IGNORECASE)
+HERO = re.compile(r"there lived an? ([a-z' ]+) named (\w+) in ")
+
+
+def test_fairy_pronouns_agree_with_the_hero_in_every_story():
+    """Every he/she/his/her/him in a tale is the hero's (no other character gets one), so
+    they must all agree, match a gendered role word, and a name keeps its pronoun in every
+    tale of every seed."""
+    pronoun_of_name: dict[str, str] = {}
+    for seed in range(25):
+        for story in load_corpus("fairy", seed=seed):
+            role, name = HERO.search(story).groups()
+            words = {w.lower() for w in PRONOUN.findall(story)}
+            assert words, story
+            she = words <= {"she", "her", "hers"}
+            assert she or words <= {"he", "him", "his"}, (seed, words, story)
+            if role.split()[-1] in SHE_ROLES:
+                assert she, (seed, story)
+            if role.split()[-1] in HE_ROLES:
+                assert not she, (seed, story)
+            assert pronoun_of_name.setdefault(name, "she" if she else "he") == (
+                "she" if she else "he"), (seed, name, story)
+    assert sorted(pronoun_of_name.values()).count("she") == 10  # both kinds of hero occur
+    assert len(pronoun_of_name) == 20
 
 
 def test_split_is_by_story_and_deterministic():

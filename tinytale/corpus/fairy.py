@@ -2,7 +2,7 @@
 
 Each story follows the shape of a folk tale (a hero, a lack, a journey, three trials, a
 helper, a return) with choices drawn from the word lists below. The same seed always
-tells the same stories; the default 200 stories come to roughly 280 KB of text.
+tells the same stories; the default 200 stories come to roughly 250 KB of text.
 """
 
 from __future__ import annotations
@@ -11,14 +11,20 @@ import random
 
 DEFAULT_STORIES = 200
 
-_NAMES = (
-    "Mira", "Tobin", "Elsa", "Rowan", "Ilsa", "Bram", "Wren", "Odo", "Lina", "Pell",
-    "Greta", "Finn", "Nell", "Arno", "Tilda", "Hob", "Ysolde", "Corin", "Mabel", "Jory",
-)  # fmt: skip
-_ROLES = (
-    "miller's daughter", "goose girl", "young tailor", "woodcutter's son", "shepherd",
-    "little baker", "fisher boy", "weaver's apprentice", "youngest princess", "poor cobbler",
-)  # fmt: skip
+# The hero is a she or a he, and the name, the role and every pronoun of the tale follow
+# from that one choice: a model should not learn that "princess Mabel" is a "he".
+# subject, object, possessive
+_PRONOUNS = {"she": ("she", "her", "her"), "he": ("he", "him", "his")}
+_NAMES = {
+    "she": ("Mira", "Elsa", "Ilsa", "Wren", "Lina", "Greta", "Nell", "Tilda", "Ysolde", "Mabel"),
+    "he": ("Tobin", "Rowan", "Bram", "Odo", "Pell", "Finn", "Arno", "Hob", "Corin", "Jory"),
+}  # fmt: skip
+_ANYONES_ROLES = ("young tailor", "shepherd", "little baker", "weaver's apprentice",
+                  "poor cobbler")  # fmt: skip
+_ROLES = {
+    "she": ("miller's daughter", "goose girl", "youngest princess", *_ANYONES_ROLES),
+    "he": ("woodcutter's son", "fisher boy", "youngest prince", *_ANYONES_ROLES),
+}  # fmt: skip
 _HOMES = (
     "a village at the edge of the dark wood", "a cottage by the silver river",
     "a tall tower with one window", "a mill beside the singing brook",
@@ -29,7 +35,7 @@ _LACKS = (
     ("the sun had not risen for seven days", "the lost key of the morning",
      "the sun rose the very next day"),
     ("the old king had fallen into a sleep no one could break", "the flower that wakes",
-     "the old king woke and asked for his breakfast"),
+     "the old king woke and called for breakfast"),  # no "his": every he/she is the hero
     ("a frost had eaten every apple in the orchard", "the warm seed of summer",
      "the orchard bloomed again"),
     ("the bells of the town had lost their voices", "the song under the mountain",
@@ -44,7 +50,7 @@ _PLACES = (
 )  # fmt: skip
 _HELPERS = (
     ("an old woman", "a crust of bread"), ("a lame fox", "a drink of water"),
-    ("a talking crow", "the last of her cheese"), ("a tiny mouse", "a kind word"),
+    ("a talking crow", "the last of {their} cheese"), ("a tiny mouse", "a kind word"),
     ("a lost bear cub", "a warm place by the fire"), ("a white hare", "a song"),
 )  # fmt: skip
 _GIFTS = (
@@ -75,34 +81,40 @@ _ENDINGS = (
 )  # fmt: skip
 
 
+def _the(someone: str) -> str:
+    """'a lame fox' -> 'the lame fox': how a tale names a character it has met before."""
+    return "the " + someone.split(" ", 1)[1]
+
+
 def _tell(rng: random.Random) -> str:
-    name = rng.choice(_NAMES)
-    role = rng.choice(_ROLES)
+    pronoun = rng.choice(tuple(_PRONOUNS))
+    _, them, their = _PRONOUNS[pronoun]
+    cap = pronoun.capitalize()
+    name = rng.choice(_NAMES[pronoun])
+    role = rng.choice(_ROLES[pronoun])
     home = rng.choice(_HOMES)
     trouble, cure, mended = rng.choice(_LACKS)
     place = rng.choice(_PLACES)
     helper, kindness = rng.choice(_HELPERS)
+    kindness = kindness.format(their=their)
     gift = rng.choice(_GIFTS)
     foe, lair, weapon = rng.choice(_FOES)
     trials = rng.sample(_TRIALS, 3)
     opening = rng.choice(_OPENINGS)
-    pronoun = rng.choice(("she", "he"))
-    their = "her" if pronoun == "she" else "his"
-    cap = pronoun.capitalize()
 
     parts = [
         f"{opening}, there lived a {role} named {name} in {home}.",
         f"One year {trouble}, and nobody knew what to do.",
         f'"I will go and find {cure}," said {name}, and {pronoun} set out for {place}.',
         f"On the road {pronoun} met {helper}, who was hungry and tired.",
-        f"{name} gave the {helper.split()[-1]} {kindness}, though {pronoun} had little enough.",
-        f'"For your kindness, take {gift}," said {helper}. "It will help you when all is lost."',
+        f"{name} gave {_the(helper)} {kindness}, though {pronoun} had little enough.",
+        f'"For your kindness, take {gift}," said {_the(helper)}. "It will help you when all '
+        'is lost."',
+        f"At {place} {pronoun} met {foe} {lair}, who set {them} three tasks.",
     ]
     for i, trial in enumerate(trials):
         count = ("first", "second", "third")[i]
-        parts.append(
-            f"At {place} {pronoun} met {foe} {lair}, who set {their} {count} task: {trial}."
-        )
+        parts.append(f"The {count} task was {trial}.")
         if i < 2:
             parts.append(
                 rng.choice(
@@ -116,10 +128,10 @@ def _tell(rng: random.Random) -> str:
             )
         else:
             parts.append(
-                f"This task was too hard, and {foe} came at {name} with {weapon}. "
+                f"This task was too hard, and {_the(foe)} came at {name} with {weapon}. "
                 f"Then {name} remembered {gift}, and with it {pronoun} won the day."
             )
-    parts.append(f"The {foe.split()[-1]} fled, and {name} found {cure} at last.")
+    parts.append(f"{_the(foe).capitalize()} fled, and {name} found {cure} at last.")
     parts.append(
         f"{cap} went home to {home}, {mended}, "
         + rng.choice(_ENDINGS).format(home=home)
