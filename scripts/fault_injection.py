@@ -3,6 +3,8 @@
 Each scenario trains a small run against a local `mlflow server`, breaks something on
 purpose, recovers the way a user would, and then asks the server what it has. Prints, per
 scenario, epochs logged / epochs expected, duplicates, and whether the model version exists.
+Where a fault must land mid-run, the trainer waits at a chosen micro-batch until it has
+(tests/holding.py): the same cut on any machine, however fast it trains.
 
   sigkill-resume      SIGKILL mid-epoch, then `train --resume auto`
   sigterm-resume      SIGTERM (graceful stop, exit 143), then `train --resume auto`
@@ -30,6 +32,9 @@ from pathlib import Path
 
 from tinytale.mlflow_tracker.local_server import LocalServer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from holding import hold_env, release, wait_held  # noqa: E402 (the tests' folder, above)
+
 EPOCHS = 8
 TRAIN = ["--json", "--set", "model.n_layer=1", "--set", "model.n_head=2",
          "--set", "model.n_embd=32", "--set", "model.block_size=16",
@@ -51,15 +56,27 @@ class Server(LocalServer):
             return json.load(r)
 
 
-def train(out: Path, server: Server, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
+def train(out: Path, server: Server, *extra: str,
+          hold: tuple[Path, int, int] | None = None) -> subprocess.Popen:
+    """`tinytale train`; with `hold` (folder, epoch, micro-batch) it waits there until it is
+    signalled or released (tests/holding.py), so a fault lands at the same step on any
+    machine, however fast it trains."""
+    env = {**os.environ, "TINYTALE_TRACKING_FLUSH_S": "1", "TINYTALE_TRACKING_WAIT_S": "60"}
+    proc = subprocess.Popen(
         [sys.executable, "-m", "tinytale", "train", *TRAIN, "--out", str(out),
          "--tracking-uri", server.url, "--experiment", "faults", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "TINYTALE_TRACKING_FLUSH_S": "1", "TINYTALE_TRACKING_WAIT_S": "60"})
+        env=hold_env(*hold, env) if hold else env)
+    if hold:
+        try:
+            wait_held(hold[0], proc)
+        except BaseException:
+            proc.kill()
+            raise
+    return proc
 
 
-def wait_for_epoch(out: Path, epoch: int, proc: subprocess.Popen, mid: bool = True) -> None:
+def wait_for_epoch(out: Path, epoch: int, proc: subprocess.Popen) -> None:
     import torch
 
     deadline = time.monotonic() + 120
@@ -69,7 +86,7 @@ def wait_for_epoch(out: Path, epoch: int, proc: subprocess.Popen, mid: bool = Tr
                 ts = torch.load(path, weights_only=True)["train_state"]
             except Exception:
                 continue
-            if ts["epoch"] >= epoch and (ts["batch"] > 0 or not mid):
+            if ts["epoch"] >= epoch:
                 return
         if proc.poll() is not None:
             raise RuntimeError(f"training ended early: {proc.stderr.read()[-1000:]}")
@@ -95,8 +112,9 @@ def report(name: str, server: Server) -> dict:
 
 def sigkill_resume(root: Path, server: Server, sig: int = signal.SIGKILL) -> None:
     out = root / "runs"
-    proc = train(out, server)
-    wait_for_epoch(out, 3, proc)
+    # Mid-epoch: held before the step of micro-batch 4 of epoch 3, after a checkpoint (one
+    # of every 3 steps) earlier in that epoch.
+    proc = train(out, server, hold=(root / "hold", 3, 4))
     proc.send_signal(sig)
     proc.communicate(timeout=60)
     expected = -signal.SIGKILL if sig == signal.SIGKILL else 143
@@ -125,11 +143,11 @@ def server_down_start(root: Path, server: Server) -> None:
 
 
 def server_restart(root: Path, server: Server) -> None:
-    out = root / "runs"
-    proc = train(out, server)
-    wait_for_epoch(out, 2, proc, mid=False)
+    out, hold = root / "runs", root / "hold"
+    proc = train(out, server, hold=(hold, 2, 1))  # epoch 1 done, 7 to go
     server.stop()
-    wait_for_epoch(out, 5, proc, mid=False)
+    release(hold)
+    wait_for_epoch(out, 5, proc)
     server.start()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
