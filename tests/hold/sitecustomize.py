@@ -41,6 +41,7 @@ def _install(at: str, folder: str) -> None:
             asked.append(reason)
 
         StopRequest.request = noting_request  # before the marker: no signal goes unseen
+        held.mkdir(parents=True, exist_ok=True)  # in a container: a folder of its own
         (held / f"held-{os.getpid()}").touch()
         deadline = time.monotonic() + HOLD_LIMIT_S
         try:
