@@ -98,6 +98,7 @@ small_values = st.one_of(
 # Every time, not by chance, a run that diverges: AdamW's decay factor 1 - lr * 1e9 grows the
 # weights over 1e5-fold a step, so the loss is NaN within epoch 1's 16 steps on any CPU.
 @example({"train.weight_decay": 1e9})
+@example({"train.weight_decay": 1e9, "train.grad_accum_steps": 5})  # finite weights, NaN val loss
 def test_random_configs_through_the_cli(tmp_path_factory, overrides):
     """`tinytale train` with random overrides: trains, or fails in one sentence with exit 2
     and nothing on disk; a run that diverges is a failed run (exit 1), never a traceback."""

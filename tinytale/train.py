@@ -369,6 +369,13 @@ def fit(
         else:
             state.epochs_since_best += 1
         tracker.log_metrics(metrics, epoch)
+        if not math.isfinite(val_loss):
+            # Finite weights can still overflow the logits: such a model can be neither the
+            # best nor worth resuming, and a run without best.pt must not end FINISHED.
+            reason = (f"non-finite validation loss at epoch {epoch} (step {state.step}); "
+                      "lower train.lr or train.weight_decay, or resume from the last checkpoint")
+            tracker.on_event("nonfinite", {"epoch": epoch, "step": state.step, "reason": reason})
+            return result("FAILED", reason)
 
         # Advance to the next epoch before saving, so last.pt resumes at its start.
         state.epoch += 1
