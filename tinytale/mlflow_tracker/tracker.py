@@ -238,14 +238,15 @@ class MlflowTracker(Tracker):
         """What tracking has cost the run so far: the loop's time in our calls, and the CPU
         time of the sender and system-metrics threads (Linux and macOS; absent elsewhere).
         Their sum bounds what tracking can take from training, noise or not."""
-        out = {"tracking_loop_s": round(self._loop_s, 4)}
+        # To the microsecond: a tiny run spends ~1e-4 s here, which 4 decimals could round to 0.
+        out = {"tracking_loop_s": round(self._loop_s, 6)}
         threads = [self._thread, getattr(self._monitor, "_process", None)]
         try:
             cpu = sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident))
                       for t in threads if t is not None and t.is_alive() and t.ident)
         except (AttributeError, OSError):  # no per-thread clocks on this platform
             return out
-        out["tracking_threads_cpu_s"] = round(cpu, 4)
+        out["tracking_threads_cpu_s"] = round(cpu, 6)
         return out
 
     def log_text(self, name: str, text: str) -> None:
