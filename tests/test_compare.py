@@ -475,10 +475,13 @@ def test_compare_refused_by_the_server_is_one_sentence(refusing_server, no_crede
 
 @pytest.mark.slow
 def test_shipped_experiments_tell_the_overfitting_story(tmp_path):
-    """overfit.yaml as shipped: validation loss has a minimum, then rises while training loss
-    keeps falling; regularized.yaml: a later onset and a lower best validation loss."""
+    """The four points of sweep_regularization.yaml as shipped (overfit.yaml is the first,
+    regularized.yaml the last): the unregularised model's validation loss has a minimum, then
+    rises while training loss keeps falling; each lever moves the curve where the README says,
+    so no curve of the figure hides another."""
     from tinytale.config import load_config
     from tinytale.run import train_run
+    from tinytale.sweep import load_sweep
     from tinytale.tracking import Tracker
 
     class Collect(Tracker):
@@ -490,18 +493,43 @@ def test_shipped_experiments_tell_the_overfitting_story(tmp_path):
                 if key in metrics:
                     points.append((step, metrics[key]))
 
-    summaries = {}
-    for name in ("overfit", "regularized"):
-        tracker = Collect()
-        config = load_config(REPO / "experiments" / f"{name}.yaml", ["tracking.samples=0"])
-        train_run(config, tmp_path, tracker)
-        run = cmp.RunCurves(name, name, histories=tracker.histories)
-        summaries[name] = (cmp.summarize(run), tracker.histories)
+    def same_run(a, b):  # the same training, whatever the run is called and samples
+        ignore = {"tracking.run_name": "", "tracking.samples": 0}
+        return {**a.flat(), **ignore} == {**b.flat(), **ignore}
 
-    over, (val, train) = summaries["overfit"][0], summaries["overfit"][1].values()
+    spec = load_sweep(REPO / "experiments" / "sweep_regularization.yaml")
+    runs = {}
+    for point in spec.points:
+        overrides = [f"{k}={v}" for k, v in {**spec.common, **point.overrides}.items()]
+        config = load_config(spec.base, [*overrides, "tracking.samples=0"])
+        tracker = Collect()
+        train_run(config, tmp_path, tracker)
+        key = (config.model.dropout > 0, config.train.weight_decay > 0)
+        runs[key] = config, cmp.summarize(cmp.RunCurves(point.run_name, point.run_name,
+                                                         histories=tracker.histories)), tracker
+    assert sorted(runs) == [(False, False), (False, True), (True, False), (True, True)]
+    shipped = REPO / "experiments"
+    assert same_run(runs[False, False][0], load_config(shipped / "overfit.yaml"))
+    assert same_run(runs[True, True][0], load_config(shipped / "regularized.yaml"))
+
+    over, tracker = runs[False, False][1:]
+    val, train = tracker.histories["val_loss"], tracker.histories["train_loss"]
     assert over.overfit_onset == over.best_epoch and 10 <= over.best_epoch <= 60
-    assert val[-1][1] > over.best_val_loss + 0.1  # it rises after the minimum ...
+    assert val[-1][1] > over.best_val_loss + 0.2  # it rises after the minimum ...
     assert train[-1][1] < dict(train)[over.best_epoch] - 0.1  # ... while train keeps falling
-    reg = summaries["regularized"][0]
-    assert reg.best_val_loss < over.best_val_loss
-    assert reg.overfit_onset is None or reg.overfit_onset > over.overfit_onset
+
+    def final(key):
+        return runs[key][2].histories["val_loss"][-1][1]
+
+    def best(key):
+        return runs[key][1].best_val_loss
+
+    # Dropout lowers the minimum and delays it; weight decay caps the climb after it, alone
+    # and on top of dropout; both together are best.
+    for decay in (False, True):
+        assert best((True, decay)) < best((False, decay)) - 0.05
+        assert runs[True, decay][1].best_epoch > runs[False, decay][1].best_epoch
+    for dropout in (False, True):
+        assert final((dropout, True)) < final((dropout, False)) - 0.05
+    assert best((True, True)) == min(best(key) for key in runs)
+    assert final((True, True)) == min(final(key) for key in runs)
