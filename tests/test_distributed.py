@@ -17,7 +17,7 @@ from holding import hold_env, wait_held
 from mlflow import MlflowClient
 
 from tinytale.checkpoint import load_checkpoint
-from tinytale.run import load_model
+from tinytale.inference import load_model
 from tinytale.train import STOP_AGREE_EVERY_STEPS
 
 MODEL = ["--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32",

@@ -10,7 +10,8 @@ import torch
 
 from tinytale.checkpoint import LAST, load_checkpoint
 from tinytale.config import load_config
-from tinytale.run import build_model, load_model, prepare_data
+from tinytale.inference import load_model
+from tinytale.run import build_model, prepare_data
 from tinytale.tracking import FanoutTracker, Tracker
 from tinytale.train import StopRequest, fit
 

@@ -202,7 +202,7 @@ def generate(
 ) -> None:
     """Sample text from a trained model (greedy, temperature, top-k, top-p)."""
     from tinytale.device import resolve_device
-    from tinytale.run import complete, load_model
+    from tinytale.inference import complete, load_model
 
     with user_errors():
         if top_p <= 0:

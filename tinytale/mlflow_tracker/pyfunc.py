@@ -98,7 +98,7 @@ def _checked(params):
 
 class TinytaleModel(PythonModel):
     def load_context(self, context):
-        from tinytale.run import load_model
+        from tinytale.inference import load_model
 
         self.model, self.tokenizer, _ = load_model(context.artifacts["checkpoint"])
 
@@ -107,7 +107,7 @@ class TinytaleModel(PythonModel):
         by prompt, so text j of prompt i is at i * num_samples + j. Prompt i samples with
         seed + i (the CLI's --seed for the first prompt gives the same texts)."""
         from tinytale.errors import UserError
-        from tinytale.run import complete
+        from tinytale.inference import complete
 
         p = _checked(params)
         seed = int(p["seed"])

@@ -302,7 +302,7 @@ class MlflowTracker(Tracker):
         best, best_epoch = self._best
         summary = {"tinytale.epochs": str(self._last_epoch)}
         if math.isfinite(best):
-            summary.update({"tinytale.best_val_loss": f"{best:.6g}",
+            summary.update({"tinytale.best_val_loss": repr(best),
                             "tinytale.best_epoch": str(best_epoch)})
         self.spool.append({"op": "tags", "tags": summary})
         self.spool.append({"op": "end", "status": status, "ts": _now_ms()})
