@@ -20,8 +20,9 @@
 #                                  and compose publishes the port on the host's loopback only)
 #   TINYTALE_MLFLOW_PORT           port to listen on (default 5000)
 #   TINYTALE_MLFLOW_WORKERS        uvicorn workers (default 2)
-#   TINYTALE_MLFLOW_ACCESS_LOG     errors (default): log only requests answered 4xx/5xx; all:
-#                                  every request (each artifact upload, each /health check)
+#   TINYTALE_MLFLOW_ACCESS_LOG     errors (default): log only requests that failed on the
+#                                  server (5xx); all: every request (each artifact upload,
+#                                  each /health check, the 404s a new experiment causes)
 #   TINYTALE_MLFLOW_MODEL_SOURCE_REGEX  model-version sources the registry accepts (default:
 #                                  `models:/m-<id>`, `runs:/...` and `mlflow-artifacts:/...`
 #                                  without `..`); passed to MLflow as
@@ -221,9 +222,11 @@ fi
 if [ "$access_log" = errors ]; then
     # uvicorn logs every request: with a trainer uploading artifacts and compose's healthcheck
     # calling /health, that was three lines in four of `docker compose up`. Keep the requests
-    # that failed (MLflow answers its own errors, 5xx included, without logging them, so the
-    # access line is their only trace) and uvicorn's own messages, through a log config like
-    # MLflow's (mlflow/server/uvicorn_log_config.yaml) with a filter on the status code.
+    # the server failed (5xx: MLflow answers an MlflowException with INTERNAL_ERROR without
+    # logging it, so the access line is its only trace) and uvicorn's own messages, through a
+    # log config like MLflow's (mlflow/server/uvicorn_log_config.yaml) with a status filter.
+    # 4xx are left out: every new run causes some (a 404 looking up a new experiment, a 400
+    # for a champion alias not set yet), and the client that made the request reports them.
     log_dir=$(mktemp -d "${TMPDIR:-/tmp}/tinytale-mlflow-log.XXXXXX") \
         || die "cannot create a folder under ${TMPDIR:-/tmp} for the log configuration"
     [[ $log_dir != *[[:space:]\'\"]* ]] || die "TMPDIR='${TMPDIR:-/tmp}' holds blanks or quotes; \
@@ -234,15 +237,15 @@ use a plain path"
 import logging
 
 
-class Failures(logging.Filter):
-    """Pass requests answered with a 4xx or 5xx status; drop the successful ones."""
+class ServerErrors(logging.Filter):
+    """Pass requests answered with a 5xx status; drop all others."""
 
     def filter(self, record):
         # uvicorn's access record: args = (client, method, path, http version, status code)
         args = record.args
         if isinstance(args, tuple) and len(args) == 5:
             try:
-                return int(args[4]) >= 400
+                return int(args[4]) >= 500
             except (TypeError, ValueError):
                 pass
         return True  # a record of another shape: show it rather than lose it
@@ -251,7 +254,7 @@ PY
 {
   "version": 1,
   "disable_existing_loggers": false,
-  "filters": {"failures": {"()": "tinytale_access_log.Failures"}},
+  "filters": {"server_errors": {"()": "tinytale_access_log.ServerErrors"}},
   "formatters": {
     "default": {"()": "uvicorn.logging.DefaultFormatter",
                 "fmt": "%(asctime)s %(levelprefix)s %(message)s", "datefmt": "%Y/%m/%d %H:%M:%S"},
@@ -263,7 +266,7 @@ PY
     "default": {"formatter": "default", "class": "logging.StreamHandler",
                 "stream": "ext://sys.stderr"},
     "access": {"formatter": "access", "class": "logging.StreamHandler",
-               "stream": "ext://sys.stdout", "filters": ["failures"]}
+               "stream": "ext://sys.stdout", "filters": ["server_errors"]}
   },
   "loggers": {
     "uvicorn": {"handlers": ["default"], "level": "INFO"},

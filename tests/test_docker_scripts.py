@@ -62,8 +62,18 @@ def test_commit_resolver_without_git_and_with_an_override(tmp_path):
         "`git rev-parse HEAD` or leave it empty."]
 
 
-def test_server_logs_failed_requests_only(tmp_path):
-    """Successful requests (artifact uploads, /health) leave no line; failed ones do."""
+def put(url: str, body: bytes) -> int:
+    request = urllib.request.Request(url, body, method="PUT")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_server_logs_only_requests_it_failed(tmp_path):
+    """Successes (artifact uploads, /health) and client errors (404) leave no access line; a
+    request the server fails does, since MLflow may answer it without logging anything."""
     port = free_port()
     (tmp_path / "tmp").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TINYTALE_"))}
@@ -76,6 +86,7 @@ def test_server_logs_failed_requests_only(tmp_path):
         server = subprocess.Popen(["bash", str(SERVER)], env=env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    artifacts = f"{base}/api/2.0/mlflow-artifacts/artifacts"
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -86,21 +97,24 @@ def test_server_logs_failed_requests_only(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.3)
-        urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1",
-                               timeout=30).close()
-        with pytest.raises(urllib.error.HTTPError) as failed:
-            urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get?experiment_id=424242",
+        assert put(f"{artifacts}/upload.txt", b"a story") == 200
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get?experiment_id=4242",
                                    timeout=30)
-        assert failed.value.code == 404
+        assert missing.value.code == 404
+        # A file where the upload needs a folder: the server fails (NotADirectoryError).
+        assert put(f"{artifacts}/upload.txt/inside.txt", b"a story") == 500
         deadline = time.monotonic() + 10
-        while "experiment_id=424242" not in log.read_text() and time.monotonic() < deadline:
+        while "inside.txt" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
     text = log.read_text()
-    assert '"GET /api/2.0/mlflow/experiments/get?experiment_id=424242 HTTP/1.1" 404' in text, text
-    assert "/health" not in text and "experiments/search" not in text, text
+    assert '"PUT /api/2.0/mlflow-artifacts/artifacts/upload.txt/inside.txt HTTP/1.1" 500' in text
+    assert "NotADirectoryError" in text  # and the traceback
+    for quiet in ("/health", "upload.txt HTTP", "experiment_id=4242"):
+        assert quiet not in text, text
     assert "Application startup complete" in text  # uvicorn's own messages stay
     assert "StarletteDeprecationWarning" not in text
 
