@@ -370,6 +370,8 @@ def fit(
             state.epochs_since_best += 1
         tracker.log_metrics(metrics, epoch)
         if not math.isfinite(val_loss):
+            if not weights_are_finite():  # the cause, when it is the weights themselves
+                return failed_on_weights(epoch)
             # Finite weights can still overflow the logits: such a model can be neither the
             # best nor worth resuming, and a run without best.pt must not end FINISHED.
             reason = (f"non-finite validation loss at epoch {epoch} (step {state.step}); "
