@@ -162,7 +162,7 @@ def test_resume_continues_the_same_run(mlflow_server, tiny_overrides, tmp_path):
     # Stop in the middle of epoch 2 (the tiny lesson has 58 steps per epoch).
     first = train_run(cfg, tmp_path, tracker, stop=StopAfter(80))
     assert first.fit.status == "KILLED"
-    run_id = first.summary["run_id"]
+    run_id = first.summary.run_id
     assert run_id
     summary = train(["--resume", "auto", "--set", f"tracking.experiment={name}",
                      "--tracking-uri", mlflow_server.url, "--out", str(tmp_path)])

@@ -12,11 +12,14 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from tinytale.errors import UserError
+
+if TYPE_CHECKING:
+    from tinytale.tracking import RunSummary
 
 app = typer.Typer(
     name="tinytale",
@@ -141,7 +144,7 @@ def train(
     if rank != 0:
         pass  # under torchrun the summary is rank 0's: other ranks wrote no checkpoint
     elif json_out:
-        typer.echo(json.dumps(summary))
+        typer.echo(json.dumps(summary.to_json()))
     else:
         typer.echo(_human_summary(summary))
     if outcome.fit.status == "KILLED":
@@ -164,19 +167,19 @@ def check_out_dir(out: Path) -> None:
                         "pass a folder you can write to.")
 
 
-def _human_summary(summary: dict[str, Any]) -> str:
+def _human_summary(summary: RunSummary) -> str:
     lines = [
-        f"best val loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}"
-        if summary.get("best_val_loss") is not None else "no epoch finished",
-        f"checkpoint: {summary.get('checkpoint')}",
+        f"best val loss {summary.best_val_loss:.4f} at epoch {summary.best_epoch}"
+        if summary.best_val_loss is not None else "no epoch finished",
+        f"checkpoint: {summary.checkpoint}",
     ]
-    if summary.get("run_url"):
-        lines.append(f"mlflow run: {summary['run_url']}")
-    elif summary.get("run_id"):
-        lines.append(f"mlflow run: {summary['run_id']}")
-    if summary.get("registered_version"):
-        lines.append(f"registered: models:/{summary['registered_model']}/"
-                     f"{summary['registered_version']}")
+    if summary.run_url or summary.run_id:
+        lines.append(f"mlflow run: {summary.run_url or summary.run_id}")
+    registration = summary.registration
+    if registration is not None and registration.version:
+        lines.append(f"registered: models:/{registration.model}/{registration.version}")
+    elif registration is not None and registration.pending_spool:
+        lines.append(f"registration pending: the model waits in {registration.pending_spool}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,6 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -36,7 +35,7 @@ from tinytale.errors import UserError
 from tinytale.inference import build_model, sample_texts
 from tinytale.tokencache import build_token_files, cached_tokenizer, content_hash
 from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
-from tinytale.tracking import RunInfo, Tracker
+from tinytale.tracking import RunInfo, RunSummary, Tracker
 from tinytale.train import FitResult, StopRequest, diverged, fit, seed_everything
 
 
@@ -155,7 +154,17 @@ def resolve_resume(resume: str | None, out_dir: Path, run_name: str) -> Path | N
 @dataclass
 class RunOutcome:
     fit: FitResult
-    summary: dict[str, Any]
+    summary: RunSummary
+
+
+def _report_divergence(tracker: Tracker, summary: RunSummary) -> None:
+    guess = math.log(summary.vocab_size or 2)
+    tracker.on_event("diverged", {
+        "final_train_loss": summary.final_train_loss,
+        "final_val_loss": summary.final_val_loss, "guessing_loss": round(guess, 4),
+        "message": f"the run diverged: its last validation loss {summary.final_val_loss:.4g} "
+                   f"is far above the guessing level ln({summary.vocab_size}) = {guess:.2f}; "
+                   "lower train.lr, or clip gradients with train.grad_clip"})
 
 
 def train_run(
@@ -221,30 +230,23 @@ def train_run(
             log_every_steps=config.tracking.log_every_steps, dist=dist,
         )
         status = result.status
-        summary = {"run_id": run_id, **result.summary(), "vocab_size": data.tokenizer.vocab_size,
-                   "run_dir": str(run_dir), **tracker.costs()}
-        summary["diverged"] = status == "FINISHED" and diverged(
-            summary["final_train_loss"], summary["final_val_loss"], data.tokenizer.vocab_size)
-        if summary["diverged"]:
-            guess = math.log(data.tokenizer.vocab_size)
-            tracker.on_event("diverged", {
-                "final_train_loss": summary["final_train_loss"],
-                "final_val_loss": summary["final_val_loss"], "guessing_loss": round(guess, 4),
-                "message": f"the run diverged: its last validation loss "
-                           f"{summary['final_val_loss']:.4g} is far above the guessing level "
-                           f"ln({data.tokenizer.vocab_size}) = {guess:.2f}; lower train.lr, "
-                           "or clip gradients with train.grad_clip"})
+        summary = RunSummary(**result.summary(), run_id=run_id,
+                             vocab_size=data.tokenizer.vocab_size, run_dir=str(run_dir),
+                             costs=tracker.costs())
+        summary.diverged = status == "FINISHED" and diverged(
+            summary.final_train_loss, summary.final_val_loss, data.tokenizer.vocab_size)
+        if summary.diverged:
+            _report_divergence(tracker, summary)
         if result.status == "FINISHED" and result.best_checkpoint is not None and dist.is_main:
             samples = sample_texts(result.best_checkpoint, config.tracking.samples)
             if samples:
                 tracker.log_text("samples.txt", "\n\n---\n\n".join(samples))
-            summary.update(tracker.log_best_model(result.best_checkpoint, summary))
+            summary.registration = tracker.publish_model(result.best_checkpoint, summary)
     finally:
-        late = tracker.finish(status)
+        closed = tracker.finish(status)
         distributed.teardown(dist)
-    for key, value in late.items():  # e.g. registered during finish's wait for the server
-        if value is None:
-            summary.pop(key, None)
-        else:
-            summary[key] = value
+    summary.run_id = closed.run_id or summary.run_id
+    summary.run_url, summary.tracking_uri = closed.run_url, closed.tracking_uri
+    if closed.registration is not None:  # registered while finish waited for the server
+        summary.registration = closed.registration
     return RunOutcome(result, summary)

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,8 +30,118 @@ class RunInfo:
     local_dir: Path | None = None  # the run's checkpoint folder (for spools, local copies)
 
 
+@dataclass
+class Registration:
+    """What publishing the best checkpoint did: a registered model version, or a pending one.
+
+    `version` is None while the record waits in `pending_spool` for an unreachable server, and
+    when registering is off (`model` None too).
+    """
+
+    model: str | None = None
+    version: str | None = None
+    model_uri: str | None = None
+    model_id: str | None = None
+    champion: bool | None = None
+    pending_spool: str | None = None
+    seconds: float | None = None  # how long logging and registering took
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], seconds: float | None = None) -> Registration:
+        """From the spool's `registered` record (the replayer's account of what it did)."""
+        return cls(model=rec.get("registered_model"), version=rec.get("registered_version"),
+                   model_uri=rec.get("model_uri"), model_id=rec.get("model_id"),
+                   champion=rec.get("champion"), seconds=seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"registered_model": self.model,
+                               "registered_version": self.version}
+        for key, value in (("model_uri", self.model_uri), ("model_id", self.model_id),
+                           ("champion", self.champion),
+                           ("registration_time_s", self.seconds)):
+            if value is not None:
+                out[key] = value
+        if self.pending_spool is not None:
+            out.update(registration="pending", spool=self.pending_spool)
+        return out
+
+
+@dataclass
+class Closed:
+    """What a tracker knows once the run is closed (all of it may have arrived late)."""
+
+    run_id: str | None = None
+    run_url: str | None = None  # the run's page in the MLflow UI (servers only)
+    tracking_uri: str | None = None
+    registration: Registration | None = None
+
+
+@dataclass
+class RunSummary:
+    """One finished, stopped or failed run: what `tinytale train --json` prints as its last
+    line and what `tinytale sweep` reads back from each point (`to_json` / `from_json`)."""
+
+    status: str
+    run_id: str | None = None
+    epochs: int = 0
+    best_epoch: int | None = None
+    best_val_loss: float | None = None
+    first_step_loss: float | None = None
+    final_train_loss: float | None = None
+    final_val_loss: float | None = None
+    tokens_per_sec: float | None = None
+    train_time_s: float = 0.0
+    early_stopped: bool = False
+    checkpoint: str | None = None
+    reason: str | None = None
+    vocab_size: int | None = None
+    run_dir: str | None = None
+    diverged: bool = False
+    tracking_uri: str | None = None
+    run_url: str | None = None
+    # What tracking cost the loop (TrackingCosts keys); empty when untracked.
+    costs: dict[str, float] = field(default_factory=dict)
+    registration: Registration | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A flat JSON object: the fields, the costs and the registration's keys at top level."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("costs", "registration")}
+        if self.tracking_uri is None:
+            del out["tracking_uri"]
+        if self.run_url is None:
+            del out["run_url"]
+        out.update(self.costs)
+        if self.registration is not None:
+            out.update(self.registration.to_json())
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSummary:
+        names = {f.name for f in fields(cls)} - {"costs", "registration"}
+        known = {k: v for k, v in data.items() if k in names}
+        costs = {k: float(v) for k, v in data.items() if k in COST_KEYS}
+        registration = None
+        if "registered_model" in data or data.get("registration") == "pending":
+            registration = Registration(
+                model=data.get("registered_model"), version=data.get("registered_version"),
+                model_uri=data.get("model_uri"), model_id=data.get("model_id"),
+                champion=data.get("champion"), seconds=data.get("registration_time_s"),
+                pending_spool=data.get("spool") if data.get("registration") == "pending"
+                else None)
+        return cls(**{"status": "FAILED", **known}, costs=costs, registration=registration)
+
+
+COST_KEYS = ("tracking_loop_s", "tracking_threads_cpu_s")
+
+
 class Tracker:
-    """Base class: every hook is a no-op, so a tracker implements only what it cares about."""
+    """Base class: every hook is a no-op, so a tracker implements only what it cares about.
+
+    The contract with the loop is narrow: `log_metrics` is the sink it reports to (plus
+    `on_progress`, `on_event`); whoever runs the loop opens the run with `start`, publishes the
+    best checkpoint with `publish_model` and closes with `finish`.
+    """
 
     run_id: str | None = None
 
@@ -51,21 +161,20 @@ class Tracker:
     def log_text(self, name: str, text: str) -> None:
         """A small text artifact (generated samples, a report)."""
 
-    def log_best_model(self, checkpoint: Path, summary: dict[str, Any]) -> dict[str, Any]:
-        """Publish the best checkpoint (e.g. register a model version); return what was done."""
-        return {}
+    def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration | None:
+        """Publish the best checkpoint (e.g. register a model version); None: not published."""
+        return None
 
     def costs(self) -> dict[str, float]:
-        """Seconds this tracker has cost the run so far (for the summary); none by default."""
+        """Seconds this tracker has cost the run so far (COST_KEYS); none by default."""
         return {}
 
-    def finish(self, status: str) -> dict[str, Any]:
+    def finish(self, status: str) -> Closed:
         """Close the run: status is FINISHED, FAILED or KILLED. Flush everything first.
 
-        Returns what became known only while closing, to correct the run's summary: a
-        model version registered once a server came back, say. A None value means the
-        summary's entry of that name no longer holds."""
-        return {}
+        Returns what is known once closed: the run id, its UI link, and a registration that
+        completed only while closing (a server that came back while finish waited)."""
+        return Closed()
 
 
 class NullTracker(Tracker):
@@ -103,11 +212,9 @@ class FanoutTracker(Tracker):
         for t in self.trackers:
             t.log_text(name, text)
 
-    def log_best_model(self, checkpoint: Path, summary: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for t in self.trackers:
-            result.update(t.log_best_model(checkpoint, summary))
-        return result
+    def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration | None:
+        published = [t.publish_model(checkpoint, summary) for t in self.trackers]
+        return next((r for r in published if r is not None), None)
 
     def costs(self) -> dict[str, float]:
         result: dict[str, float] = {}
@@ -116,11 +223,14 @@ class FanoutTracker(Tracker):
                 result[k] = result.get(k, 0.0) + v
         return result
 
-    def finish(self, status: str) -> dict[str, Any]:
-        result: dict[str, Any] = {}
+    def finish(self, status: str) -> Closed:
+        closed = Closed()
         for t in self.trackers:
-            result.update(t.finish(status) or {})
-        return result
+            mine = t.finish(status)
+            for f in fields(Closed):
+                if getattr(closed, f.name) is None:
+                    setattr(closed, f.name, getattr(mine, f.name))
+        return closed
 
 
 EPOCH_COLUMNS = (

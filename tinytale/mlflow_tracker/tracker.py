@@ -19,10 +19,10 @@ from typing import Any
 
 from tinytale.errors import UserError
 from tinytale.mlflow_tracker.replay import Refused, Replayer, Unreachable
-from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool, _public
+from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool
 from tinytale.mlflow_tracker.system_metrics import _system_monitor
 from tinytale.mlflow_tracker.uris import check_access, resolve_tracking_uri, run_url
-from tinytale.tracking import RunInfo, Tracker
+from tinytale.tracking import Closed, Registration, RunInfo, RunSummary, Tracker
 
 log = logging.getLogger("tinytale.mlflow")
 
@@ -254,14 +254,14 @@ class MlflowTracker(Tracker):
 
     # -- the end -----------------------------------------------------------------------------
 
-    def log_best_model(self, checkpoint: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration:
         tracking = self.config.tracking
-        safe_summary = {k: v for k, v in summary.items()
+        safe_summary = {k: v for k, v in summary.to_json().items()
                         if isinstance(v, str | int | float | bool | type(None))}
         safe_summary["config_hash"] = self.config.hash()
         safe_summary["experiment"] = tracking.experiment
-        if summary.get("best_val_loss") is not None:
-            self._best = (float(summary["best_val_loss"]), int(summary["best_epoch"] or 0))
+        if summary.best_val_loss is not None:
+            self._best = (float(summary.best_val_loss), int(summary.best_epoch or 0))
         rec = self.spool.append({
             "op": "model", "checkpoint": str(Path(checkpoint).resolve()),
             "summary": safe_summary, "register": bool(tracking.register),
@@ -272,29 +272,21 @@ class MlflowTracker(Tracker):
             self.replayer.push()
         except Unreachable as exc:
             self._warn(exc)
-        out: dict[str, Any] = {"tracking_uri": self.uri}
-        if self.replayer.run_id:
-            out["run_id"] = self.replayer.run_id
-        if self.run_url():
-            out["run_url"] = self.run_url()
         if self.replayer.acked >= rec["seq"] and self.replayer.registered:
-            out.update(_public(self.replayer.registered))
-            out["registration_time_s"] = round(time.perf_counter() - t0, 3)
-        else:
-            out.update(registered_model=tracking.registered_model if tracking.register
-                       else None, registered_version=None, registration="pending",
-                       spool=str(self.spool.path))
-            self._pending_model = rec["seq"]
-        return out
+            return Registration.from_record(self.replayer.registered,
+                                            seconds=round(time.perf_counter() - t0, 3))
+        self._pending_model = rec["seq"]
+        return Registration(model=tracking.registered_model if tracking.register else None,
+                            pending_spool=str(self.spool.path))
 
-    def finish(self, status: str) -> dict[str, Any]:
+    def finish(self, status: str) -> Closed:
         """Sends what is left, waiting up to finish_wait_s() for an unreachable server.
 
-        Returns the run id and the registration when they became known only here, as
-        when the server came back while this waited, so the summary does not call a
-        registered model pending."""
+        Returns the run id and its link, and the registration when it completed only here
+        (the server came back while this waited), so the summary does not call a registered
+        model pending."""
         if self.spool is None:
-            return {}
+            return Closed()
         if self._monitor is not None:
             self._monitor.finish()
         # The run's summary numbers are tags, not metrics: as metrics the UI drew each as a
@@ -339,15 +331,12 @@ class MlflowTracker(Tracker):
         self.spool.close()
         if self._tmpdir and not self.replayer.pending():
             shutil.rmtree(self._tmpdir, ignore_errors=True)
-        late: dict[str, Any] = {}
-        if self.replayer.run_id:
-            late["run_id"] = self.replayer.run_id
-        if self.run_url():
-            late["run_url"] = self.run_url()
+        closed = Closed(run_id=self.replayer.run_id, run_url=self.run_url(),
+                        tracking_uri=self.uri)
         seq = self._pending_model
         if seq is not None and self.replayer.acked >= seq and self.replayer.registered:
-            late.update(_public(self.replayer.registered), registration=None, spool=None)
-        return late
+            closed.registration = Registration.from_record(self.replayer.registered)
+        return closed
 
 
 def _missing_folders(folder: Path) -> list[Path]:
