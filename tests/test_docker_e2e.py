@@ -274,8 +274,6 @@ def test_trainer_image_knows_its_source_commit(stack: Stack) -> None:
 
 
 @needs_git_dir
-@pytest.mark.xfail(strict=True, reason="tinytale/run.py's git_commit() does not read "
-                   "TINYTALE_GIT_COMMIT yet; remove this mark when it does")
 def test_run_in_a_container_is_tagged_with_the_source_commit(stack: Stack) -> None:
     tags = {t["key"]: t["value"] for t in _finished_run(stack)["data"].get("tags", [])}
     assert _is_commit_of_this_checkout(tags.get("git_commit", "")), tags

@@ -96,15 +96,18 @@ def prepare_streamed(config: Config, files: list[Path], tokenizer: Tokenizer | N
 
 
 def git_commit() -> str | None:
-    """The commit of the source tree tinytale runs from, when it is a git checkout."""
+    """The commit of the source tree tinytale runs from: `git rev-parse HEAD` in a checkout,
+    else TINYTALE_GIT_COMMIT (the trainer images set it to the commit they were built from)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(tinytale.__file__).parent,
             capture_output=True, text=True, timeout=5,
         )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+        pass  # no git (a container) or no checkout (an installed wheel)
+    return os.environ.get("TINYTALE_GIT_COMMIT", "").strip() or None
 
 
 def run_tags(config: Config, device: torch.device, extra: dict[str, str] | None = None
