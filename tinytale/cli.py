@@ -337,8 +337,9 @@ def compare(
         help="Validation metric (lower is better) that picks the best epoch and the "
              "onset; its train_ twin is drawn dashed.")] = "val_loss",
     patience: Annotated[int, typer.Option(
-        min=1, help="Overfitting onset: the first epoch after which the metric rose this "
-                    "many epochs in a row.")] = 3,
+        min=1, help="Overfitting onset: the epoch of the metric's lowest value, shown once "
+                    "the metric then stayed more than 2% above it this many epochs in a "
+                    "row.")] = 3,
     out: Annotated[Path, typer.Option(
         help="Figure file; .png (default) or .svg.")] = Path("curves.png"),
     svg: Annotated[bool, typer.Option(
