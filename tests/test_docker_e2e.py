@@ -292,10 +292,11 @@ def test_server_logs_only_requests_it_failed(stack: Stack) -> None:
         except urllib.error.HTTPError as err:
             status = err.code
         assert status == expected, (path, status)
-    time.sleep(1)  # the log line is written after the answer
-    logs = stack.compose("logs", "--no-color", "mlflow").stdout
-    assert '"PUT /api/2.0/mlflow-artifacts/artifacts/e2e-log-check/inside HTTP/1.1" 500' \
-        in logs, logs[-3000:]
+    failed = '"PUT /api/2.0/mlflow-artifacts/artifacts/e2e-log-check/inside HTTP/1.1" 500'
+    deadline = time.monotonic() + 30  # the log line is written after the answer
+    while failed not in (logs := stack.compose("logs", "--no-color", "mlflow").stdout):
+        assert time.monotonic() < deadline, logs[-3000:]
+        time.sleep(0.2)
     quiet = [line for line in logs.splitlines() if '" 200' in line or '" 404' in line
              or "/health" in line]
     assert not quiet, quiet[:5]
@@ -358,13 +359,22 @@ def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) 
     """SIGTERM from the engine (what `docker compose stop` sends) within the grace period."""
     name = f"{stack.project}-stopme"
     args = ["--experiment", "e2e-stop", "--run-name", "e2e-stop"]
+    # Held at micro-batch 1 of epoch 2 (tests/hold) until the SIGTERM lands: a fast machine
+    # cannot finish the run first. The hold lets go when tinytale's handler asks to stop.
     stack.compose(
-        "run", "--detach", "--name", name, "-e", "TINYTALE_TRACKING_FLUSH_S=0.5", "trainer",
-        "train", "--set", "train.epochs=150", *args,
+        "run", "--detach", "--name", name, "-e", "TINYTALE_TRACKING_FLUSH_S=0.5",
+        "-v", f"{REPO / 'tests' / 'hold'}:/hold:ro", "-e", "PYTHONPATH=/hold",
+        "-e", "TINYTALE_TEST_HOLD=2:1", "-e", "TINYTALE_TEST_HOLD_DIR=/tmp/hold", "trainer",
+        "train", "--set", "train.epochs=4", *args,
     )
     try:
         deadline = time.monotonic() + 300
-        while True:  # until an epoch reached the server: the run is well under way
+        while "held-" not in subprocess.run(
+                ["docker", "exec", name, "ls", "/tmp/hold"], capture_output=True, text=True,
+                check=False).stdout:
+            assert time.monotonic() < deadline, f"the trainer was not held\n{stack.logs()}"
+            time.sleep(0.5)
+        while True:  # until epoch 1 reached the server: the run is well under way
             assert time.monotonic() < deadline, f"no epoch logged in 300 s\n{stack.logs()}"
             try:
                 runs = _runs_of(stack, "e2e-stop")
