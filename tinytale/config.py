@@ -29,7 +29,7 @@ class ConfigError(UserError):
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
-    """A dataclass field whose help text lives next to it (shown by `tinytale config --help`)."""
+    """A dataclass field whose help text lives next to it, where a reader of the code finds it."""
     return field(metadata={"help": text}, **kwargs)
 
 

@@ -7,7 +7,6 @@ Every tokenizer has an end-of-story token (`eos_id`), round-trips through a JSON
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -267,6 +266,3 @@ def tokenizer_from_dict(state: dict[str, Any]) -> Tokenizer:
         return BPETokenizer(state["serialized"])
     raise TokenizerError(f"saved tokenizer kind {kind!r} is unknown; the file may be damaged.")
 
-
-def tokenizer_to_json(tok: Tokenizer) -> str:
-    return json.dumps(tok.to_dict())

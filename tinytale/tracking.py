@@ -1,8 +1,11 @@
 """The tracker interface the training loop reports to, and the trackers that need no server.
 
 The loop calls only these methods; which backend listens (console, MLflow, several at
-once) is decided by whoever builds the tracker. Methods must be cheap: anything slow
-(network) belongs on a background thread inside the tracker.
+once) is decided by whoever builds the tracker. What the loop calls while it trains
+(`log_metrics`, `on_progress`, `on_event`, `log_text`) must be cheap: anything slow (network)
+belongs on a background thread inside the tracker. The two calls after the loop may block:
+`publish_model` may send the model and wait for its registration, and `finish` waits (for a
+bounded time) until what is left has been sent.
 """
 
 from __future__ import annotations
