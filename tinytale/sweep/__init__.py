@@ -1,15 +1,13 @@
 """Sweeps: a base experiment times a grid of overrides, one MLflow child run per point.
 
 `spec` reads and checks sweep files (the format is described there); `runner` runs their
-points as `tinytale train` processes and records every outcome.
+points as `tinytale train` processes and records every outcome, `containers` runs them in
+the compose stack instead, and `results` is what a sweep reports.
 """
 
+from tinytale.sweep.results import MAX_EXIT_FAILED, PointResult, SweepResult, render_results
 from tinytale.sweep.runner import (
-    MAX_EXIT_FAILED,
-    PointResult,
-    SweepResult,
     point_config_hash,
-    render_results,
     resumable_point,
     run_sweep,
     sweep_experiment,
