@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from tinytale.errors import UserError
+from tinytale.paths import check_can_make_folder
 
 if TYPE_CHECKING:
     from tinytale.tracking import RunSummary
@@ -156,15 +157,8 @@ def train(
 
 def check_out_dir(out: Path) -> None:
     """Refuse an --out that cannot become a folder before anything is trained or logged."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise UserError(f"--out '{out}': '{probe}' is a file, not a folder; "
-                        "pass a folder path for checkpoints.")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--out '{out}': folder '{probe}' is not writable; "
-                        "pass a folder you can write to.")
+    check_can_make_folder(out, f"--out '{out}'", if_file="pass a folder path for checkpoints",
+                          if_read_only="pass a folder you can write to")
 
 
 def _human_summary(summary: RunSummary) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tinytale.errors import UserError
+from tinytale.paths import check_can_make_folder
 
 DEFAULT_METRIC = "val_loss"
 DEFAULT_PATIENCE = 3
@@ -332,15 +332,8 @@ def check_figure_path(out: Path) -> None:
     if out.is_dir():
         raise UserError(f"--out '{out}' is a folder; pass a file name such as "
                         f"'{out / 'curves.png'}'.")
-    probe = out.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"--out '{out}': '{probe}' is a file, not a folder; pass a path in a "
-                        "folder you can write to.")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--out '{out}': folder '{probe}' is not writable; pass a path in a "
-                        "folder you can write to.")
+    fix = "pass a path in a folder you can write to"
+    check_can_make_folder(out.parent, f"--out '{out}'", if_file=fix, if_read_only=fix)
 
 
 def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out: Path,
