@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tinytale.errors import UserError
+from tinytale.metrics import perplexity
 from tinytale.paths import check_can_make_folder
 
 DEFAULT_METRIC = "val_loss"
@@ -198,7 +199,8 @@ def summarize(run: RunCurves, metric: str = DEFAULT_METRIC, patience: int = DEFA
         run_name=run.run_name,
         best_epoch=best[0] if best else None,
         best_val_loss=best_val_loss,
-        best_val_perplexity=_exp(best_val_loss),
+        best_val_perplexity=(perplexity(best_val_loss) if best_val_loss is not None
+                             and math.isfinite(best_val_loss) else None),
         final_gap=final_gap(run.histories.get("train_loss", []), val),
         overfit_onset=overfit_onset(series, patience),
         tokens_per_sec=tokens_per_sec,
@@ -214,12 +216,6 @@ def summarize_all(runs: Sequence[RunCurves], metric: str = DEFAULT_METRIC,
     """Rows for every run; runs without a sweep tag show the params that differ between runs."""
     differ = differing_params(runs)
     return [summarize(r, metric, patience, differ.get(r.run_id)) for r in runs]
-
-
-def _exp(x: float | None) -> float | None:
-    if x is None or not math.isfinite(x):
-        return None
-    return math.exp(x) if x < 700 else math.inf
 
 
 def _json_safe(value: Any) -> Any:
