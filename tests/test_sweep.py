@@ -32,7 +32,7 @@ from tinytale.sweep import (
     resolved_overrides,
     resumable_point,
 )
-from tinytale.sweep.runner import _error_of
+from tinytale.sweep.protocol import error_of
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -174,11 +174,11 @@ def test_error_of_reads_only_the_latest_attempt(tmp_path):
     log = tmp_path / "point.log"
     log.write_text("\n==== 2026-01-01 00:00:00 train a.yaml\nerror: disk full\n"
                    "\n==== 2026-01-02 00:00:00 train a.yaml --resume last.pt\nSegmentation\n")
-    assert _error_of(log, -11) == "exit code -11: Segmentation"
+    assert error_of(log, -11) == "exit code -11: Segmentation"
     with log.open("a") as f:
         f.write("\n==== 2026-01-03 00:00:00 train a.yaml\nerror: val_loss is nan\n")
-    assert _error_of(log, 1) == "val_loss is nan"
-    assert _error_of(tmp_path / "missing.log", 1) == "exit code 1: no output"
+    assert error_of(log, 1) == "val_loss is nan"
+    assert error_of(tmp_path / "missing.log", 1) == "exit code 1: no output"
 
 
 def test_resumable_point_needs_an_unfinished_checkpoint_of_the_same_config(tmp_path):

@@ -1,8 +1,9 @@
 """Sweeps: a base experiment times a grid of overrides, one MLflow child run per point.
 
 `spec` reads and checks sweep files (the format is described there); `runner` runs their
-points as `tinytale train` processes and records every outcome, `containers` runs them in
-the compose stack instead, and `results` is what a sweep reports.
+points as `tinytale train` processes and records every outcome, `protocol` is the contract
+with a point's process, `containers` runs points in the compose stack instead, and
+`results` is what a sweep reports.
 """
 
 from tinytale.sweep.results import MAX_EXIT_FAILED, PointResult, SweepResult, render_results

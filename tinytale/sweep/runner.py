@@ -2,26 +2,28 @@
 
 Skipping finished points, resuming stopped ones, recording failures and the exit code; the
 file format and its checks live in `tinytale.sweep.spec`, running points in the compose
-stack's containers instead of local processes in `tinytale.sweep.containers`.
+stack's containers instead of local processes in `tinytale.sweep.containers`, how a point's
+process is started and read back in `tinytale.sweep.protocol`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tinytale.checkpoint import find_resumable, peek_checkpoint
 from tinytale.config import Config, ConfigError, load_config
 from tinytale.errors import UserError
+from tinytale.sweep import protocol
 from tinytale.sweep.results import (
     MAX_EXIT_FAILED,
     PointResult,
@@ -31,8 +33,6 @@ from tinytale.sweep.results import (
     render_results,
 )
 from tinytale.sweep.spec import SweepPoint, SweepSpec, overrides_key, resolved_overrides
-
-_ATTEMPT = "\n==== "  # starts each attempt's part of a point's log
 
 __all__ = [
     "MAX_EXIT_FAILED", "PointResult", "SweepResult", "links", "point_config_hash",
@@ -81,13 +81,15 @@ class _Processes:
         self.running: set[subprocess.Popen] = set()
         self.stopped: str | None = None
 
-    def add(self, proc: subprocess.Popen) -> None:
+    @contextmanager
+    def watch(self, proc: subprocess.Popen) -> Iterator[None]:
         with self.lock:
             self.running.add(proc)
-
-    def remove(self, proc: subprocess.Popen) -> None:
-        with self.lock:
-            self.running.discard(proc)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running.discard(proc)
 
     def stop(self, reason: str) -> None:
         with self.lock:
@@ -178,7 +180,7 @@ def run_sweep(
         if procs.stopped:
             return PointResult(i + 1, point.run_name, resolved[i], "NOT_STARTED",
                                error=f"sweep stopped by {procs.stopped}")
-        tags = {mr.SWEEP_TAG: spec.name, mr.OVERRIDES_TAG: json.dumps(resolved[i])}
+        tags = protocol.point_tags(spec.name, resolved[i])
         try:  # a point whose config is invalid fails here, without starting a process
             load_config(spec.base, spec.set_args(point))
         except ConfigError as exc:
@@ -188,60 +190,38 @@ def run_sweep(
             echo(f"{label}: FAILED ({exc})")
             return result
         resume_from, resumed_id = None, None
-        train_args = [*(arg for s in spec.set_args(point) for arg in ("--set", s)),
-                      "--run-name", point.run_name, "--experiment", exp_name, "--json"]
-        point_env = {"TINYTALE_PARENT_RUN_ID": parent_id, "TINYTALE_RUN_TAGS": json.dumps(tags)}
-        if parallel > 1:
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-                point_env[var] = os.environ.get(var, str(threads_each))
+        train_args = protocol.train_args(spec, point, exp_name)
+        point_env = protocol.child_env(parent_id, tags, threads_each if parallel > 1 else None,
+                                       os.environ)
         if containers is not None:
             # Checkpoints are in the stack's volume, out of the host's sight: the container
             # looks for one itself, in a folder of the point's config alone.
             checkpoints = containers.point_out(spec.name, hashes[i])
             if not rerun:
-                train_args += ["--resume", "auto"]
                 resumed_id = _unfinished_run(before, keys[i], hashes[i])
-            cmd = containers.command([*train_args, "--out", checkpoints, *extra_args],
-                                     point_env)
-            env = dict(os.environ)
+            cmd, env = protocol.container_start(containers, train_args, checkpoints, not rerun,
+                                                extra_args, point_env, os.environ)
         else:
             checkpoints = str(out / spec.name / point.run_name)
             if not rerun:
                 resume_from, resumed_id, why_not = resumable_point(Path(checkpoints), hashes[i])
                 if why_not:
                     echo(f"{label}: {why_not}")
-            cmd = [sys.executable, "-m", "tinytale", "train", str(spec.base), *train_args,
-                   "--out", str(out / spec.name), "--tracking-uri", uri,
-                   *(["--resume", str(resume_from)] if resume_from else []), *extra_args]
-            env = {**os.environ, **point_env, "MLFLOW_TRACKING_URI": uri}
+            cmd, env = protocol.local_start(spec, train_args, out, uri, resume_from, extra_args,
+                                            point_env, os.environ)
         log_path = log_dir / f"{point.run_name}.log"
         where = f" in a {containers.stack.device} container" if containers else ""
         echo(f"{label}: " + (f"resuming run {resumed_id} from {resume_from}"
                              if resume_from else "started") + f"{where} (log: {log_path})")
         start = time.monotonic()
-        with open(log_path, "ab") as log:  # appended: an earlier, stopped attempt stays
-            log.write(f"{_ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')} "
-                      f"{' '.join(cmd[1:])}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=log, env=env)
-            procs.add(proc)
-            try:
-                stdout, _ = proc.communicate()
-            finally:
-                procs.remove(proc)
+        outcome = protocol.run_child(cmd, env, log_path, procs.watch)
         seconds = round(time.monotonic() - start, 2)
-        summary = _last_json(stdout.decode("utf-8", "replace"))
-        result = PointResult(i + 1, point.run_name, resolved[i], "FINISHED",
-                             summary.get("run_id"), summary.get("best_epoch"),
-                             summary.get("best_val_loss"), seconds, str(log_path),
-                             diverged=bool(summary.get("diverged")))
-        if proc.returncode != 0:
-            killed = proc.returncode in (130, 143, -2, -15)
-            result.status = "KILLED" if killed else "FAILED"
+        result = PointResult(i + 1, point.run_name, resolved[i], outcome.status,
+                             outcome.run_id, outcome.best_epoch, outcome.best_val_loss,
+                             seconds, str(log_path), diverged=outcome.diverged)
+        if outcome.status != "FINISHED":
             result.error = (f"stopped by {procs.stopped or 'a signal'}; its checkpoint is in "
-                            f"{checkpoints}" if killed
-                            else _error_of(log_path, proc.returncode))
+                            f"{checkpoints}" if outcome.status == "KILLED" else outcome.error)
             result.run_id = _record_failure(mr, uri, exp_name, spec.name, parent_id,
                                             known_ids - {resumed_id}, keys[i], point.run_name,
                                             tags, result.error, result.status)
@@ -286,17 +266,6 @@ def _best_val_loss(run: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _last_json(stdout: str) -> dict[str, Any]:
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return {}
-    return {}
-
-
 def _unfinished_run(runs: Sequence[Any], key: str, config_hash: str | None) -> str | None:
     """The newest earlier run of a point, same config, not FINISHED: what a resume continues."""
     for run in reversed(runs):
@@ -304,22 +273,6 @@ def _unfinished_run(runs: Sequence[Any], key: str, config_hash: str | None) -> s
                 and run.tags.get("config_hash") == config_hash and run.status != "FINISHED"):
             return run.run_id
     return None
-
-
-def _error_of(log_path: Path, returncode: int) -> str:
-    """The `error: ...` line the failed process printed, else the end of its log."""
-    try:
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    # Only this attempt's part: the log keeps earlier attempts above a "==== " line.
-    _, header, part = text.rpartition(_ATTEMPT)
-    lines = part.strip().splitlines()[1 if header else 0:]
-    for line in reversed(lines):
-        if line.startswith("error:"):
-            return line.removeprefix("error:").strip()
-    tail = " | ".join(lines[-3:]) if lines else "no output"
-    return f"exit code {returncode}: {tail}"[:2000]
 
 
 def _record_failure(mr: Any, uri: str, experiment: str, sweep: str, parent_id: str,
