@@ -75,3 +75,12 @@ def test_bad_files(tmp_path):
     section.write_text("model: 3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="section 'model'"):
         load_config(section)
+
+
+def test_train_device_takes_the_devices_device_py_resolves():
+    import typing
+
+    from tinytale.config import TrainConfig
+    from tinytale.device import LOCAL_DEVICES
+
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["device"]) == LOCAL_DEVICES

@@ -119,6 +119,7 @@ def train(
         "--json", help="Print one JSON summary object as the last line of stdout.")] = False,
 ) -> None:
     """Train a GPT on fairy tales: per-epoch table on stderr, best checkpoint kept, registered."""
+    from tinytale import distributed
     from tinytale.config import load_config
     from tinytale.run import train_run
     from tinytale.train import StopRequest
@@ -135,7 +136,7 @@ def train(
         cfg = load_config(config, overrides)
         check_out_dir(out)
         # Under torchrun only rank 0 talks to the console and to MLflow.
-        rank = int(os.environ.get("RANK", "0"))
+        rank = distributed.from_env().rank
         tracker = build_tracker(cfg, tracking_uri, no_tracking or rank != 0, quiet=rank != 0)
         with graceful_stop(stop):
             outcome = train_run(cfg, out, tracker, resume=resume, stop=stop,

@@ -8,14 +8,15 @@ import torch
 
 from tinytale.errors import UserError
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+# What train.device and --device take on this machine (cuda:N as well).
+LOCAL_DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_device(name: str, field: str = "train.device") -> torch.device:
     """The torch device for `name`; `field` names the setting in error messages."""
     base = name.split(":")[0]
-    if base not in DEVICES or (base != name and base != "cuda"):
-        raise UserError(f"{field}={name!r} is not a device; use one of {', '.join(DEVICES)} "
+    if base not in LOCAL_DEVICES or (base != name and base != "cuda"):
+        raise UserError(f"{field}={name!r} is not a device; use one of {', '.join(LOCAL_DEVICES)} "
                         "(or cuda:N).")
     if name == "auto":
         if torch.cuda.is_available():

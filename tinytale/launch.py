@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tinytale.errors import UserError
 
-DEVICES = ("auto", "cpu", "cuda")
+# The --device values a trainer container takes (no mps: containers run on Linux).
+CONTAINER_DEVICES = ("auto", "cpu", "cuda")
 SERVICES = {"cpu": "trainer", "cuda": "trainer-gpu"}
 COMPOSE_FILE = "compose.yaml"
 # Where a config file from the host appears inside the trainer container (mounted read-only).
@@ -146,9 +147,13 @@ def has_nvidia_runtime(docker_info_runtimes: str) -> bool:
     return isinstance(runtimes, dict) and "nvidia" in runtimes
 
 
+def check_device(device: str) -> None:
+    if device not in CONTAINER_DEVICES:
+        raise LaunchError(f"--device {device!r} is not one of: {', '.join(CONTAINER_DEVICES)}.")
+
+
 def pick_device(device: str, docker_info_runtimes: str) -> str:
-    if device not in DEVICES:
-        raise LaunchError(f"--device {device!r} is not one of: {', '.join(DEVICES)}.")
+    check_device(device)
     if device != "auto":
         return device
     return "cuda" if has_nvidia_runtime(docker_info_runtimes) else "cpu"
@@ -211,8 +216,7 @@ class Stack:
 
 def prepare_stack(device: str = "auto", project_dir: Path | None = None) -> Stack:
     """Find compose.yaml, check Docker, resolve `auto`; `LaunchError` when any of it fails."""
-    if device not in DEVICES:
-        raise LaunchError(f"--device {device!r} is not one of: {', '.join(DEVICES)}.")
+    check_device(device)
     project_dir = project_dir or find_project_dir(Path.cwd())
     if not (project_dir / COMPOSE_FILE).is_file():
         raise LaunchError(f"{project_dir / COMPOSE_FILE} does not exist.")
