@@ -76,3 +76,16 @@ def test_filter_logits_keeps_the_top_k_and_the_nucleus():
     assert kept(filter_logits(logits, top_p=0.79)) == [True, True, False, False]
     assert kept(filter_logits(logits, top_p=0.81)) == [True, True, True, False]
     assert kept(filter_logits(logits, top_k=1, top_p=0.99)) == [True, False, False, False]
+
+
+def test_every_model_key_of_an_experiment_is_a_gpt_config_field():
+    import dataclasses
+
+    from tinytale.config import Config, ModelConfig
+    from tinytale.inference import build_model
+
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    assert fields - {"vocab_size"} == {f.name for f in dataclasses.fields(ModelConfig)}
+    model = build_model(Config(model=ModelConfig(n_layer=1, n_embd=32, dropout=0.1)), 24)
+    assert (model.cfg.n_layer, model.cfg.n_embd, model.cfg.dropout, model.cfg.vocab_size) == (
+        1, 32, 0.1, 24)

@@ -6,6 +6,7 @@ nothing of training or tracking.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -18,9 +19,8 @@ from tinytale.tokenizer import Tokenizer, tokenizer_from_dict
 
 
 def build_model(config: Config, vocab_size: int) -> GPT:
-    m = config.model
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                         n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias))
+    """The one place a GPT is built from an experiment: every model.* key is a GPTConfig field."""
+    return GPT(GPTConfig(vocab_size=vocab_size, **dataclasses.asdict(config.model)))
 
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:

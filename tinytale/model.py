@@ -16,11 +16,15 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
+    """The model's shape. An experiment's is `config.ModelConfig` (documented, validated, read
+    from YAML) plus the tokenizer's vocab_size; `inference.build_model` joins the two, so the
+    experiment defaults live there, not here."""
+
     vocab_size: int
     block_size: int
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
+    n_layer: int
+    n_head: int
+    n_embd: int
     dropout: float = 0.0
     bias: bool = True
 
