@@ -84,3 +84,40 @@ def test_train_device_takes_the_devices_device_py_resolves():
     from tinytale.device import LOCAL_DEVICES
 
     assert typing.get_args(typing.get_type_hints(TrainConfig)["device"]) == LOCAL_DEVICES
+
+
+def test_an_unknown_key_says_which_part_is_wrong_for_callers_that_word_it_themselves():
+    from tinytale.config import UnknownKeyError, check_key, known_keys
+
+    assert "n_layer" in known_keys()["model"] and list(known_keys()) == [
+        "model", "data", "train", "tracking"]
+    check_key("model", "n_layer")
+    with pytest.raises(UnknownKeyError) as section:
+        check_key("modle", "n_layer")
+    assert (section.value.section_known, section.value.close) == (False, "model")
+    with pytest.raises(UnknownKeyError) as key:
+        check_key("model", "nlayer", where=" in x.yaml")
+    assert (key.value.section_known, key.value.close) == (True, "n_layer")
+    assert str(key.value).startswith("unknown key 'model.nlayer' in x.yaml (did you mean")
+
+
+@pytest.mark.parametrize(("text", "split"), [
+    ("train.lr=3e-4", ("train.lr", "3e-4")), ("c.d=x=y", ("c.d", "x=y")), ("k=", ("k", "")),
+    ("train.lr", None), ("=3", None), (" =3", None), ("", None),
+])
+def test_a_set_item_is_split_once_into_key_and_value(text, split):
+    from tinytale.config import split_override
+
+    assert split_override(text) == split
+
+
+def test_a_yaml_syntax_error_names_the_place_and_the_problem():
+    import yaml
+
+    from tinytale.config import describe_yaml_error
+
+    with pytest.raises(yaml.YAMLError) as caught:
+        yaml.safe_load("a: [1,\n")
+    assert describe_yaml_error("sweep file 's.yaml'", caught.value) == (
+        "sweep file 's.yaml' is not valid YAML at line 2, column 1 (expected the node content, "
+        "but found '<stream end>'); fix the syntax there.")

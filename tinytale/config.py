@@ -235,13 +235,8 @@ class Config:
             )
         kwargs = {}
         for section, value in raw.items():
-            section_cls = _SECTIONS.get(section)
-            if section_cls is None:
-                raise ConfigError(
-                    f"unknown section {str(section)!r} in {source}"
-                    f"{_suggest(str(section), _SECTIONS)}; sections are {_section_names()}."
-                )
-            kwargs[section] = _build_section(section, section_cls, value or {}, source)
+            check_section(section, where=f" in {source}")
+            kwargs[section] = _build_section(section, _SECTIONS[section], value or {}, source)
         return cls(**kwargs).validate()
 
 
@@ -257,9 +252,51 @@ def _section_names() -> str:
     return ", ".join(_SECTIONS)
 
 
-def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+def known_keys() -> dict[str, list[str]]:
+    """Every key a config has, by section: `{'model': ['n_layer', ...], ...}`."""
+    return {name: [f.name for f in dataclasses.fields(cls)] for name, cls in _SECTIONS.items()}
+
+
+class UnknownKeyError(ConfigError):
+    """A section, or `section.key`, that no config has. `section_known` says which part is
+    wrong and `close` is the nearest known name (or None), so a caller that reads keys from
+    elsewhere (a sweep file) can word the error for its own file."""
+
+    def __init__(self, message: str, section_known: bool, close: str | None):
+        super().__init__(message)
+        self.section_known = section_known
+        self.close = close
+
+
+def check_section(section: Any, where: str = "") -> None:
+    """Raise `UnknownKeyError` unless a config has this section. `where`, e.g.
+    " in experiments/x.yaml", follows the section in the message."""
+    if section not in _SECTIONS:
+        close = _closest(str(section), _SECTIONS)
+        raise UnknownKeyError(
+            f"unknown section {str(section)!r}{where}{_did_you_mean(close)}; "
+            f"sections are {_section_names()}.", section_known=False, close=close)
+
+
+def check_key(section: Any, name: Any, where: str = "") -> None:
+    """Raise `UnknownKeyError` unless `section.name` is a config field (see check_section)."""
+    check_section(section, where)
+    keys = known_keys()
+    if name not in keys[section]:
+        close = _closest(str(name), keys[section])
+        raise UnknownKeyError(
+            f"unknown key {f'{section}.{name}'!r}{where}{_did_you_mean(close)}; "
+            f"keys of '{section}' are: {', '.join(sorted(keys[section]))}.",
+            section_known=True, close=close)
+
+
+def _closest(word: str, choices: typing.Iterable[str]) -> str | None:
     close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return close[0] if close else None
+
+
+def _did_you_mean(close: str | None) -> str:
+    return f" (did you mean '{close}'?)" if close else ""
 
 
 def _build_section(name: str, cls: type, values: Any, source: str) -> Any:
@@ -269,14 +306,9 @@ def _build_section(name: str, cls: type, values: Any, source: str) -> Any:
             f"got {values!r}."
         )
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        if key not in known:
-            raise ConfigError(
-                f"unknown key {f'{name}.{key}'!r} in {source}{_suggest(str(key), known)}; "
-                f"keys of '{name}' are: {', '.join(sorted(known))}."
-            )
+        check_key(name, key, where=f" in {source}")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -358,14 +390,25 @@ def _in_range(
         )
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """`'train.lr=3e-4'` -> `('train', 'lr', 0.0003)`; the value is parsed as YAML."""
+def split_override(text: str) -> tuple[str, str] | None:
+    """`'train.lr=3e-4'` -> `('train.lr', '3e-4')`; None unless it is KEY=VALUE with a KEY.
+
+    The one reading of a `--set` item: `parse_override` goes on to check the key and parse
+    the value, `tinytale launch` passes it on to the container as it is.
+    """
     key, sep, raw = text.partition("=")
     key = key.strip()
-    if not sep or key.count(".") != 1:
+    return (key, raw) if sep and key else None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`'train.lr=3e-4'` -> `('train', 'lr', 0.0003)`; the value is parsed as YAML."""
+    split = split_override(text)
+    if split is None or split[0].count(".") != 1:
         raise ConfigError(
             f"--set {text!r} is not of the form section.key=value; write e.g. --set train.lr=3e-4."
         )
+    key, raw = split
     section, name = key.split(".")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
@@ -376,6 +419,15 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         with contextlib.suppress(ValueError):
             value = float(value)
     return section, name, value
+
+
+def describe_yaml_error(what: str, exc: yaml.YAMLError) -> str:
+    """One sentence for a YAML syntax error in `what` (e.g. "config file 'x.yaml'"): where
+    the parser stopped, why, and the fix."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or "invalid YAML"
+    return f"{what} is not valid YAML{where} ({problem}); fix the syntax there."
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -401,12 +453,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 f"config file '{file}' is not UTF-8 text; pass a YAML file."
             ) from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(
-                f"config file '{file}' is not valid YAML{where} ({problem}); fix the syntax there."
-            ) from None
+            raise ConfigError(describe_yaml_error(f"config file '{file}'", exc)) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 f"config file '{file}' must be a mapping with sections {_section_names()}, "
@@ -415,17 +462,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raw = loaded or {}
     for text in overrides:
         section, name, value = parse_override(text)
-        if section not in _SECTIONS:
-            raise ConfigError(
-                f"--set {text!r}: unknown section {section!r}{_suggest(section, _SECTIONS)}; "
-                f"sections are {_section_names()}."
-            )
-        known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
-        if name not in known:
-            raise ConfigError(
-                f"--set {text!r}: unknown key '{section}.{name}'{_suggest(name, known)}; "
-                f"keys of '{section}' are: {', '.join(sorted(known))}."
-            )
+        try:
+            check_key(section, name)
+        except UnknownKeyError as exc:
+            raise ConfigError(f"--set {text!r}: {exc}") from None
         if not isinstance(raw.get(section) or {}, dict):
             raise ConfigError(f"section '{section}' in {source} must be a mapping.")
         raw.setdefault(section, {})

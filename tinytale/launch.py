@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinytale.config import split_override
 from tinytale.errors import UserError
 
 # The --device values a trainer container takes (no mps: containers run on Linux).
@@ -59,9 +60,10 @@ def resolve_config(config: str, cwd: Path) -> tuple[str, ConfigMount | None]:
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
+    """Each is KEY=VALUE; the keys and values are the container's to check (it reads the
+    config), so a mistake there is reported once, by the trainer."""
     for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not key.strip():
+        if split_override(item) is None:
             raise LaunchError(f"--set {item!r} is not KEY=VALUE, e.g. --set train.lr=3e-4.")
 
 
