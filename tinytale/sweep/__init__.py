@@ -1,9 +1,10 @@
 """Sweeps: a base experiment times a grid of overrides, one MLflow child run per point.
 
 `spec` reads and checks sweep files (the format is described there); `runner` runs their
-points as `tinytale train` processes and records every outcome, `protocol` is the contract
-with a point's process, `containers` runs points in the compose stack instead, and
-`results` is what a sweep reports.
+points as `tinytale train` processes: `plan` decides what each point does (skip, resume, run
+afresh), `executor` carries that out and records every outcome, `protocol` is the contract
+with a point's process, `containers` runs points in the compose stack, and `results` is what
+a sweep reports.
 """
 
 from tinytale.sweep.results import MAX_EXIT_FAILED, PointResult, SweepResult, render_results
