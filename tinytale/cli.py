@@ -63,23 +63,17 @@ def user_errors() -> Iterator[None]:
 @contextlib.contextmanager
 def graceful_stop(stop: Any) -> Iterator[None]:
     """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second SIGINT aborts."""
-    previous = {}
+    from tinytale.signals import on_stop_signals
 
-    def handler(signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if stop and signum == signal.SIGINT:
+    def handler(name: str) -> None:
+        if stop and name == "SIGINT":
             signal.signal(signal.SIGINT, signal.default_int_handler)
         stop.request(name)
         typer.echo(f"\n{name} received: finishing the current step and saving a checkpoint",
                    err=True)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, handler)
-    try:
+    with on_stop_signals(handler):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def build_tracker(config: Any, tracking_uri: str | None, no_tracking: bool,
