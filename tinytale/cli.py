@@ -399,17 +399,16 @@ def runs(
     if not rows:
         typer.echo(f"no runs in experiment '{experiment}'")
         return
+    from tinytale.table import format_table
+
     header = ("run id", "name", "status", "epochs", "best val", "best ep", "version")
-    table = [header] + [(
+    typer.echo(format_table(header, [(
         r["run_id"][:12], r["run_name"] or "", r["status"],
         "" if r["epochs"] is None else str(r["epochs"]),
         "" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f}",
         "" if r["best_epoch"] is None else str(r["best_epoch"]),
         f"{r['registered_model']}/{r['registered_version']}" if r["registered_version"] else "",
-    ) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    ) for r in rows]))
 
 
 @app.command()

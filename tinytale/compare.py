@@ -259,7 +259,9 @@ TABLE_COLUMNS = ("run", "overrides", "best_epoch", "best_val_loss", "best_val_pp
 
 
 def render_table(rows: Sequence[RunSummary]) -> str:
-    """A plain aligned text table, one line per run (numbers right-aligned)."""
+    """An aligned text table, one line per run (numbers right-aligned)."""
+    from tinytale.table import format_table
+
     def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
@@ -276,16 +278,7 @@ def render_table(rows: Sequence[RunSummary]) -> str:
             "none" if r.overfit_onset is None else str(r.overfit_onset),
             num(r.tokens_per_sec, ",.0f"),
         ))
-    widths = [max(len(c), *(len(row[i]) for row in body)) if body else len(c)
-              for i, c in enumerate(TABLE_COLUMNS)]
-    left = {0, 1}
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(cell.ljust(w) if i in left else cell.rjust(w)
-                         for i, (cell, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return "\n".join([line(TABLE_COLUMNS), line(["-" * w for w in widths]),
-                      *(line(row) for row in body)])
+    return format_table(TABLE_COLUMNS, body, right=range(2, len(TABLE_COLUMNS)))
 
 
 # --------------------------------------------------------------------------- plot
