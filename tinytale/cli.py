@@ -347,36 +347,15 @@ def compare(
 
     Final gap = val - train loss at the last epoch. The table (or JSON) goes to stdout.
     """
-    from tinytale import compare as cmp
-
-    cmp.prefetch_plotting()  # overlaps matplotlib's import with MLflow's and the network
-    from tinytale.mlflow_tracker import reader as mr
+    from tinytale.compare import render_json, render_table
+    from tinytale.compare_runs import compare_runs
 
     with user_errors():
-        if out.suffix.lower() not in (".png", ".svg"):
-            raise UserError(f"--out '{out}' must end in .png or .svg.")
-        cmp.check_figure_path(out)
-        found = mr.find_runs(tracking_uri, runs or [], experiment, sweep_name, limit)
-        mr.fetch_histories(tracking_uri, found, cmp.metrics_needed(metric))
-        if not any(r.histories.get(metric) for r in found):
-            raise UserError(f"none of the {len(found)} runs logged the metric '{metric}'; "
-                            "use e.g. --metric val_loss.")
-        rows = cmp.summarize_all(found, metric, patience)
-        title = None
-        if sweep_name:
-            title = f"Sweep '{sweep_name}': train vs validation {metric.removeprefix('val_')}"
-        figures = [cmp.plot_curves(found, rows, out, metric, title)]
-        if svg and out.suffix.lower() != ".svg":
-            figures.append(cmp.plot_curves(found, rows, out.with_suffix(".svg"), metric, title))
-        for figure in figures:
-            typer.echo(f"figure: {figure}", err=True)
-        parents = [r.tags.get(mr.PARENT_TAG) for r in found if r.tags.get(mr.PARENT_TAG)]
-        if sweep_name and parents and not no_log_figure:
-            parent = max(set(parents), key=parents.count)
-            for figure in figures:
-                path = mr.log_figure(tracking_uri, parent, figure)
-                typer.echo(f"logged {path} to sweep parent run {parent}", err=True)
-    typer.echo(cmp.render_json(rows) if json_out else cmp.render_table(rows))
+        rows = compare_runs(tracking_uri, runs or [], experiment=experiment, sweep=sweep_name,
+                            metric=metric, patience=patience, out=out, svg=svg, limit=limit,
+                            log_figure=not no_log_figure,
+                            say=lambda line: typer.echo(line, err=True))
+    typer.echo(render_json(rows) if json_out else render_table(rows))
 
 
 @app.command()
