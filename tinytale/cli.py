@@ -46,6 +46,23 @@ TrackingUriOption = Annotated[
 ]
 
 
+# Options several commands share but each explains in its own words: the flag is declared
+# here, the help (what this command prints, overrides or keeps there) at the command.
+def json_option(help: str) -> Any:
+    """`--json`: print the result as JSON on stdout instead of text."""
+    return typer.Option("--json", help=help)
+
+
+def runs_folder_option(help: str) -> Any:
+    """`--out` for the folder runs are trained into, also set by TINYTALE_OUT."""
+    return typer.Option("--out", envvar="TINYTALE_OUT", help=help)
+
+
+def experiment_option(help: str) -> Any:
+    """`--experiment`: the MLflow experiment to write to or read from."""
+    return typer.Option("--experiment", help=help)
+
+
 def fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(EXIT_USAGE)
@@ -95,22 +112,20 @@ def train(
     set_: SetOption = None,
     device: Annotated[str | None, typer.Option(
         help="auto | cpu | cuda | mps (overrides train.device).")] = None,
-    out: Annotated[Path, typer.Option(
-        envvar="TINYTALE_OUT",
-        help="Folder for checkpoints; each run writes OUT/<run name>/<timestamp>/.",
-    )] = Path("runs"),
+    out: Annotated[Path, runs_folder_option(
+        "Folder for checkpoints; each run writes OUT/<run name>/<timestamp>/.")] = Path("runs"),
     resume: Annotated[str | None, typer.Option(
         help="Continue a run: 'auto' (newest unfinished checkpoint under --out, else start "
              "fresh), a checkpoint file, or an MLflow run id.")] = None,
-    experiment: Annotated[str | None, typer.Option(
-        help="MLflow experiment (overrides tracking.experiment).")] = None,
+    experiment: Annotated[str | None, experiment_option(
+        "MLflow experiment (overrides tracking.experiment).")] = None,
     run_name: Annotated[str | None, typer.Option(
         help="MLflow run name (overrides tracking.run_name).")] = None,
     tracking_uri: TrackingUriOption = None,
     no_tracking: Annotated[bool, typer.Option(
         "--no-tracking", help="Do not log to MLflow (console only).")] = False,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="Print one JSON summary object as the last line of stdout.")] = False,
+    json_out: Annotated[bool, json_option(
+        "Print one JSON summary object as the last line of stdout.")] = False,
 ) -> None:
     """Train a GPT on fairy tales: per-epoch table on stderr, best checkpoint kept, registered."""
     from tinytale import distributed
@@ -260,18 +275,17 @@ def sweep(
     rerun: Annotated[bool, typer.Option(
         "--rerun", help="Run every point again, even those already FINISHED in this "
                         "sweep.")] = False,
-    out: Annotated[Path, typer.Option(
-        envvar="TINYTALE_OUT",
-        help="Folder for checkpoints and logs: OUT/<sweep>/<point>/... and "
-             "OUT/<sweep>/logs/<point>.log (with --launch only the logs; checkpoints stay "
-             "in the stack's checkpoints volume).")] = Path("runs"),
-    experiment: Annotated[str | None, typer.Option(
-        help="MLflow experiment (overrides the sweep file and the base config).")] = None,
+    out: Annotated[Path, runs_folder_option(
+        "Folder for checkpoints and logs: OUT/<sweep>/<point>/... and "
+        "OUT/<sweep>/logs/<point>.log (with --launch only the logs; checkpoints stay in the "
+        "stack's checkpoints volume).")] = Path("runs"),
+    experiment: Annotated[str | None, experiment_option(
+        "MLflow experiment (overrides the sweep file and the base config).")] = None,
     tracking_uri: TrackingUriOption = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List the points and their run names; run nothing.")] = False,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="Print the sweep result as one JSON object on stdout.")] = False,
+    json_out: Annotated[bool, json_option(
+        "Print the sweep result as one JSON object on stdout.")] = False,
 ) -> None:
     """Run a base experiment over a grid of overrides: one child MLflow run per point.
 
@@ -316,9 +330,9 @@ def compare(
     runs: Annotated[list[str] | None, typer.Argument(
         metavar="[RUN_ID|RUN_NAME]...",
         help="Runs by id or by name (a name means its newest run).")] = None,
-    experiment: Annotated[str | None, typer.Option(
-        help="Compare the newest runs of this experiment (with runs or --sweep: look them "
-             "up only there).")] = None,
+    experiment: Annotated[str | None, experiment_option(
+        "Compare the newest runs of this experiment (with runs or --sweep: look them up only "
+        "there).")] = None,
     sweep_name: Annotated[str | None, typer.Option(
         "--sweep", help="Compare every point run of this sweep; the figure is also logged "
                         "to the sweep's parent run.")] = None,
@@ -338,8 +352,8 @@ def compare(
     no_log_figure: Annotated[bool, typer.Option(
         "--no-log-figure", help="Do not upload the figure to the sweep's parent run.")] = False,
     tracking_uri: TrackingUriOption = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="Print the table as a JSON list of objects, one per run.")] = False,
+    json_out: Annotated[bool, json_option(
+        "Print the table as a JSON list of objects, one per run.")] = False,
 ) -> None:
     """Draw train (dashed) and validation (solid) curves of several runs; table of overfitting.
 
@@ -360,12 +374,12 @@ def compare(
 
 @app.command()
 def runs(
-    experiment: Annotated[str, typer.Option(
-        help="MLflow experiment whose runs to list.")] = "tinytale",
+    experiment: Annotated[str, experiment_option(
+        "MLflow experiment whose runs to list.")] = "tinytale",
     limit: Annotated[int, typer.Option(min=1, help="How many of the newest runs.")] = 50,
     tracking_uri: TrackingUriOption = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="Print a JSON list of objects, one per run.")] = False,
+    json_out: Annotated[bool, json_option(
+        "Print a JSON list of objects, one per run.")] = False,
 ) -> None:
     """Table of runs: name, status, epochs, best val loss, best epoch, registered version."""
     from tinytale.mlflow_tracker import list_runs
@@ -395,13 +409,13 @@ def sync(
     run: Annotated[str, typer.Argument(
         help="A run folder (OUT/<run name>/<timestamp>, holding mlflow_spool.jsonl), or the "
              "MLflow run id of a run trained with this --out.")],
-    out: Annotated[Path, typer.Option(
-        envvar="TINYTALE_OUT", help="Where to look for a run given by id.")] = Path("runs"),
+    out: Annotated[Path, runs_folder_option(
+        "Where to look for a run given by id.")] = Path("runs"),
     tracking_uri: Annotated[str | None, typer.Option(
         "--tracking-uri", help="Send to this MLflow instead of the one the run was "
                                "trained against.")] = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="Print the result as one JSON object.")] = False,
+    json_out: Annotated[bool, json_option(
+        "Print the result as one JSON object.")] = False,
 ) -> None:
     """Send what a run spooled while MLflow was unreachable (metrics, artifacts, model)."""
     from tinytale.mlflow_tracker import find_spool, sync_spool
