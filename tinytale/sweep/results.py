@@ -89,17 +89,16 @@ def read_back_commands(result: SweepResult) -> list[str]:
 
 def render_results(result: SweepResult) -> str:
     """The table `tinytale sweep` prints: one row per point, a summary line, how to read it."""
-    rows = [("#", "run", "status", "best_epoch", "best_val_loss", "seconds", "run_id")]
-    for p in result.points:
-        rows.append((str(p.index), p.run_name,
-                     f"{p.status} (diverged)" if p.diverged else p.status,
-                     "-" if p.best_epoch is None else str(p.best_epoch),
-                     "-" if p.best_val_loss is None else f"{p.best_val_loss:.4f}",
-                     f"{p.seconds:.1f}" if p.seconds else "-", p.run_id or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    from tinytale.table import format_table
+
+    columns = ("#", "run", "status", "best_epoch", "best_val_loss", "seconds", "run_id")
+    rows = [(str(p.index), p.run_name,
+             f"{p.status} (diverged)" if p.diverged else p.status,
+             "-" if p.best_epoch is None else str(p.best_epoch),
+             "-" if p.best_val_loss is None else f"{p.best_val_loss:.4f}",
+             f"{p.seconds:.1f}" if p.seconds else "-", p.run_id or "-")
+            for p in result.points]
+    lines = [format_table(columns, rows)]
     stopped = f", stopped by {result.interrupted}" if result.interrupted else ""
     lines.append(f"sweep '{result.name}' in experiment '{result.experiment}', parent run "
                  f"{result.parent_run_id}: {result.failed} failed{stopped}")
