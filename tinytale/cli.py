@@ -18,6 +18,7 @@ import typer
 
 from tinytale.errors import UserError
 from tinytale.paths import check_can_make_folder
+from tinytale.signals import on_stop_signals
 
 if TYPE_CHECKING:
     from tinytale.tracking import RunSummary
@@ -80,7 +81,6 @@ def user_errors() -> Iterator[None]:
 @contextlib.contextmanager
 def graceful_stop(stop: Any) -> Iterator[None]:
     """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second SIGINT aborts."""
-    from tinytale.signals import on_stop_signals
 
     def handler(name: str) -> None:
         if stop and name == "SIGINT":
