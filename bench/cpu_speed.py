@@ -83,9 +83,9 @@ def tinytale_tokens_per_sec(cfg, data, tracking_uri: str | None = None) -> tuple
             tracker.start(RunInfo(experiment="bench-cpu-speed", run_name="fit",
                                   params=cfg.flat(), local_dir=Path(tmp)))
         start = time.perf_counter()
+        fields = {"config": cfg.to_dict(), "tokenizer": data.tokenizer.to_dict()}
         result = fit(model, data, cfg.train, tracker, Path(tmp), torch.device("cpu"),
-                     checkpoint_extra={"config": cfg.to_dict(),
-                                       "tokenizer": data.tokenizer.to_dict()})
+                     checkpoint_fields=lambda: fields)
         wall = time.perf_counter() - start
         tracker.finish(result.status)
     epoch = result.state.history[-1]

@@ -28,13 +28,18 @@ def setup(overrides: list[str]):
     return cfg, data, model
 
 
+def fields(cfg, data):
+    """What `tinytale train` adds to every checkpoint, less the run id (no tracking here)."""
+    extra = {"config": cfg.to_dict(), "tokenizer": data.tokenizer.to_dict()}
+    return lambda: extra
+
+
 def run_fit(tmp: Path, overrides: list[str], tracker: Tracker | None = None,
             resume: dict | None = None, stop: StopRequest | None = None,
             background: bool | None = None):
     cfg, data, model = setup(overrides)
-    extra = {"config": cfg.to_dict(), "tokenizer": data.tokenizer.to_dict()}
     return fit(model, data, cfg.train, tracker or Tracker(), tmp, torch.device("cpu"),
-               checkpoint_extra=extra, resume=resume, stop=stop,
+               checkpoint_fields=fields(cfg, data), resume=resume, stop=stop,
                background_checkpoints=background), model
 
 
@@ -76,6 +81,25 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(idx)[0], reloaded(idx)[0])
     assert state["train_state"]["epoch"] == 3 and state["finished"]
+
+
+def test_checkpoint_fields_are_read_at_each_write(tmp_path):
+    """A run id known only late (after a tracking outage) is in the checkpoints after that."""
+    cfg, data, model = setup(["train.epochs=2"])
+    run = {"id": None}
+
+    class LearnsRunId(Tracker):
+        def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
+            if epoch == 2:
+                run["id"] = "late"
+
+    fixed = fields(cfg, data)()
+    fit(model, data, cfg.train, LearnsRunId(), tmp_path, torch.device("cpu"),
+        checkpoint_fields=lambda: {**fixed, "run_id": run["id"]})
+    before, after = load_checkpoint(tmp_path / "last.prev.pt"), load_checkpoint(tmp_path / LAST)
+    assert (before["train_state"]["epoch"], before["run_id"]) == (2, None)
+    assert (after["train_state"]["epoch"], after["run_id"]) == (3, "late")
+    assert after["config"] == cfg.to_dict()
 
 
 class StopAt(Tracker):
@@ -136,8 +160,7 @@ def test_non_finite_loss_fails_without_writing_bad_weights(tmp_path, sync_free):
     cfg, data, model = setup(["train.epochs=3"])
     ref = [model]
     result = fit(model, data, cfg.train, PoisonWeights(ref), tmp_path, torch.device("cpu"),
-                 checkpoint_extra={"config": cfg.to_dict(),
-                                   "tokenizer": data.tokenizer.to_dict()},
+                 checkpoint_fields=fields(cfg, data),
                  sync_free_guard=sync_free)
     assert result.status == "FAILED" and "non-finite" in result.reason
     for name in ("last.pt", "best.pt"):
@@ -162,8 +185,7 @@ class PoisonOnce(Tracker):
 def test_non_finite_step_can_be_skipped(tmp_path, sync_free):
     cfg, data, model = setup(["train.epochs=2", "train.nonfinite=skip"])
     result = fit(model, data, cfg.train, PoisonOnce([model]), tmp_path, torch.device("cpu"),
-                 checkpoint_extra={"config": cfg.to_dict(),
-                                   "tokenizer": data.tokenizer.to_dict()},
+                 checkpoint_fields=fields(cfg, data),
                  sync_free_guard=sync_free)
     assert result.status == "FINISHED"
     assert result.state.skipped_steps == 1
@@ -197,8 +219,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, sync_free, when):
     if when == "stop":
         tracker = FanoutTracker([tracker, StopAt(stop, 2, batch)])
     result = fit(model, data, cfg.train, tracker, tmp_path, torch.device("cpu"),
-                 checkpoint_extra={"config": cfg.to_dict(),
-                                   "tokenizer": data.tokenizer.to_dict()},
+                 checkpoint_fields=fields(cfg, data),
                  stop=stop, sync_free_guard=sync_free)
     step = steps_per_epoch + (batch or steps_per_epoch)
     assert result.status == "FAILED"

@@ -226,9 +226,11 @@ def train_run(
         tracker.on_event("resume_keeps_run_config", ignored)
     status = "FAILED"
     try:
+        fields = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict()}
         result = fit(
             model, data, config.train, tracker, run_dir, device,
-            checkpoint_extra={"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict()},
+            # Read at each write: after a tracking outage the run id becomes known late.
+            checkpoint_fields=lambda: {**fields, "run_id": tracker.run_id},
             resume=resume_state, stop=stop,
             log_every_steps=config.tracking.log_every_steps, dist=dist,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def fit(
     tracker: Tracker,
     run_dir: Path,
     device: torch.device,
-    checkpoint_extra: dict[str, Any] | None = None,
+    checkpoint_fields: Callable[[], dict[str, Any]] | None = None,
     resume: dict[str, Any] | None = None,
     stop: StopRequest | None = None,
     log_every_steps: int = 0,
@@ -121,6 +122,8 @@ def fit(
 ) -> FitResult:
     """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring.
 
+    `checkpoint_fields` returns what the caller adds to every checkpoint (config, tokenizer,
+    run id); it is called at each write, so a value known only late is in the later files.
     On an accelerator, checkpoints are written in the background; every one is on disk when
     fit() returns, and finishes writing even if it raises. `sync_free_guard` and
     `background_checkpoints` default to what the device calls for; tests set them to run the
@@ -150,9 +153,7 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     train_step = TrainStep(wrap_for_steps(model, cfg, device, d), params, optimizer, guard,
                            cfg, tracker, device, d.enabled, steps_per_epoch)
-    extra = checkpoint_extra or {}
-    policy = CheckpointPolicy(cfg, run_dir, model, optimizer,
-                              lambda: {**extra, "run_id": tracker.run_id},
+    policy = CheckpointPolicy(cfg, run_dir, model, optimizer, checkpoint_fields or (lambda: {}),
                               CheckpointWriter(background=background_checkpoints),
                               resumed=resume is not None, stop=stop, tracker=tracker, dist=d,
                               device=device)
