@@ -399,7 +399,7 @@ def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) 
     run_id = run["info"]["run_id"]
     assert run["info"]["status"] == "KILLED", run["info"]
     before = _epochs_logged(stack, run_id)
-    assert before and before[-1] < 150
+    assert before == [1], before  # stopped while held in epoch 2
 
     done = stack.compose("run", "--rm", "trainer", "train", "--resume", "auto", *args,
                          "--json", timeout=TRAIN_TIMEOUT_S)
@@ -407,7 +407,7 @@ def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) 
     assert summary["run_id"] == run_id, "the resumed run is not the stopped one"
     (run,) = _runs_of(stack, "e2e-stop")
     assert run["info"]["status"] == "FINISHED"
-    assert _epochs_logged(stack, run_id) == list(range(1, 151))
+    assert _epochs_logged(stack, run_id) == [1, 2, 3, 4]
 
 
 def test_sweep_launch_runs_points_in_containers(stack: Stack, tmp_path: Path) -> None:
