@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from tinytale import train
 from tinytale.checkpoint import LAST, load_checkpoint
 from tinytale.config import load_config
 from tinytale.inference import load_model
@@ -34,13 +36,18 @@ def fields(cfg, data):
     return lambda: extra
 
 
+def as_on_a_gpu(monkeypatch, **choices: bool) -> None:
+    """fit() with some of the choices it makes on CUDA (train.DeviceChoices), run on this CPU:
+    its fused AdamW skips non-finite steps, a thread writes checkpoints. No GPU here."""
+    cpu = train.device_choices(torch.device("cpu"))
+    monkeypatch.setattr(train, "device_choices", lambda device: replace(cpu, **choices))
+
+
 def run_fit(tmp: Path, overrides: list[str], tracker: Tracker | None = None,
-            resume: dict | None = None, stop: StopRequest | None = None,
-            background: bool | None = None):
+            resume: dict | None = None, stop: StopRequest | None = None):
     cfg, data, model = setup(overrides)
     return fit(model, data, cfg.train, tracker or Tracker(), tmp, torch.device("cpu"),
-               checkpoint_fields=fields(cfg, data), resume=resume, stop=stop,
-               background_checkpoints=background), model
+               checkpoint_fields=fields(cfg, data), resume=resume, stop=stop), model
 
 
 def test_lesson_loss_falls_from_guessing(tmp_path):
@@ -114,18 +121,18 @@ class StopAt(Tracker):
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["cpu-writes", "gpu-style-writer"])
-def test_stop_mid_epoch_then_resume_is_bit_identical(tmp_path, background):
+def test_stop_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, background):
     """Also with checkpoints written by the background thread, as on a GPU."""
     overrides = ["train.epochs=3", "model.dropout=0.2"]
     straight, _ = run_fit(tmp_path / "straight", overrides)
 
+    as_on_a_gpu(monkeypatch, background_checkpoints=background)
     stop = StopRequest()
-    first, _ = run_fit(tmp_path / "cut", overrides, tracker=StopAt(stop, 2, 5), stop=stop,
-                       background=background)
+    first, _ = run_fit(tmp_path / "cut", overrides, tracker=StopAt(stop, 2, 5), stop=stop)
     assert first.status == "KILLED"
     saved = load_checkpoint(tmp_path / "cut" / LAST)
     assert saved["train_state"]["epoch"] == 2 and saved["train_state"]["batch"] == 5
-    resumed, _ = run_fit(tmp_path / "cut", overrides, resume=saved, background=background)
+    resumed, _ = run_fit(tmp_path / "cut", overrides, resume=saved)
     assert resumed.status == "FINISHED"
     assert load_checkpoint(resumed.last_checkpoint)["finished"]  # on disk when fit() returned
     assert [h["epoch"] for h in resumed.state.history] == [1, 2, 3]
@@ -154,14 +161,14 @@ class PoisonWeights(Tracker):
 
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "on-device-skip"])
-def test_non_finite_loss_fails_without_writing_bad_weights(tmp_path, sync_free):
+def test_non_finite_loss_fails_without_writing_bad_weights(tmp_path, monkeypatch, sync_free):
     """Both guards: the per-step host check (CPU default) and the sync-free fused-AdamW
     skip that CUDA uses (exercised here on the CPU's fused AdamW)."""
+    as_on_a_gpu(monkeypatch, guard_on_device=sync_free)
     cfg, data, model = setup(["train.epochs=3"])
     ref = [model]
     result = fit(model, data, cfg.train, PoisonWeights(ref), tmp_path, torch.device("cpu"),
-                 checkpoint_fields=fields(cfg, data),
-                 sync_free_guard=sync_free)
+                 checkpoint_fields=fields(cfg, data))
     assert result.status == "FAILED" and "non-finite" in result.reason
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(tmp_path / name)
@@ -182,11 +189,11 @@ class PoisonOnce(Tracker):
 
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "on-device-skip"])
-def test_non_finite_step_can_be_skipped(tmp_path, sync_free):
+def test_non_finite_step_can_be_skipped(tmp_path, monkeypatch, sync_free):
+    as_on_a_gpu(monkeypatch, guard_on_device=sync_free)
     cfg, data, model = setup(["train.epochs=2", "train.nonfinite=skip"])
     result = fit(model, data, cfg.train, PoisonOnce([model]), tmp_path, torch.device("cpu"),
-                 checkpoint_fields=fields(cfg, data),
-                 sync_free_guard=sync_free)
+                 checkpoint_fields=fields(cfg, data))
     assert result.status == "FINISHED"
     assert result.state.skipped_steps == 1
     assert all(math.isfinite(h["train_loss"]) for h in result.state.history)
@@ -208,7 +215,8 @@ class PoisonAfterBackward(Tracker):
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "on-device-skip"])
 @pytest.mark.parametrize("when", ["epoch-end", "every-steps", "stop"])
-def test_non_finite_weights_are_never_checkpointed(tmp_path, sync_free, when):
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch, sync_free, when):
+    as_on_a_gpu(monkeypatch, guard_on_device=sync_free)
     cfg, data, model = setup(["train.epochs=3", "train.checkpoint_every_steps=4"
                               if when == "every-steps" else "train.checkpoint_every_steps=0"])
     steps_per_epoch = len(data.train) // cfg.train.batch_size
@@ -219,8 +227,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, sync_free, when):
     if when == "stop":
         tracker = FanoutTracker([tracker, StopAt(stop, 2, batch)])
     result = fit(model, data, cfg.train, tracker, tmp_path, torch.device("cpu"),
-                 checkpoint_fields=fields(cfg, data),
-                 stop=stop, sync_free_guard=sync_free)
+                 checkpoint_fields=fields(cfg, data), stop=stop)
     step = steps_per_epoch + (batch or steps_per_epoch)
     assert result.status == "FAILED"
     assert result.reason.startswith(f"non-finite weights after step {step} (epoch 2)")
@@ -244,11 +251,12 @@ class PoisonSteps(Tracker):
 
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "on-device-skip"])
-def test_skipping_more_than_max_skipped_steps_fails(tmp_path, sync_free):
+def test_skipping_more_than_max_skipped_steps_fails(tmp_path, monkeypatch, sync_free):
+    as_on_a_gpu(monkeypatch, guard_on_device=sync_free)
     cfg, data, model = setup(["train.epochs=2", "train.nonfinite=skip",
                               "train.max_skipped_steps=1"])
     result = fit(model, data, cfg.train, PoisonSteps(model, {3, 5}), tmp_path,
-                 torch.device("cpu"), sync_free_guard=sync_free)
+                 torch.device("cpu"))
     assert result.status == "FAILED" and "non-finite" in result.reason
     assert result.state.skipped_steps == 2
     assert result.last_checkpoint is None  # nothing of the failing epoch was written

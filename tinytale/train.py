@@ -35,8 +35,8 @@ from tinytale.model import GPT, param_groups
 from tinytale.tracking import Tracker
 
 # Re-exported: callers (run.py, the CLI's signal handlers, tests) import them from here.
-__all__ = ["STOP_AGREE_EVERY_STEPS", "FitResult", "StopRequest", "TrainState", "diverged",
-           "evaluate", "fit", "make_optimizer", "seed_everything"]
+__all__ = ["STOP_AGREE_EVERY_STEPS", "DeviceChoices", "FitResult", "StopRequest", "TrainState",
+           "device_choices", "diverged", "evaluate", "fit", "make_optimizer", "seed_everything"]
 
 
 @dataclass
@@ -69,6 +69,22 @@ class FitResult:
 
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class DeviceChoices:
+    """What fit() does differently on an accelerator. Tests replace `device_choices` to run
+    the GPU choices on a CPU (its fused AdamW, a writer thread)."""
+
+    guard_on_device: bool  # non-finite steps skipped by the fused AdamW: no per-step host sync
+    background_checkpoints: bool  # written by a thread while the device computes
+
+
+def device_choices(device: torch.device) -> DeviceChoices:
+    # On CUDA a per-step .item() stalls the GPU queue; a checkpoint thread only pays off
+    # where the host CPU is otherwise idle, waiting on an accelerator.
+    return DeviceChoices(guard_on_device=device.type == "cuda",
+                         background_checkpoints=device.type != "cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -117,17 +133,13 @@ def fit(
     stop: StopRequest | None = None,
     log_every_steps: int = 0,
     dist: Dist | None = None,
-    sync_free_guard: bool | None = None,
-    background_checkpoints: bool | None = None,
 ) -> FitResult:
     """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring.
 
     `checkpoint_fields` returns what the caller adds to every checkpoint (config, tokenizer,
     run id); it is called at each write, so a value known only late is in the later files.
     On an accelerator, checkpoints are written in the background; every one is on disk when
-    fit() returns, and finishes writing even if it raises. `sync_free_guard` and
-    `background_checkpoints` default to what the device calls for; tests set them to run the
-    GPU choices on a CPU.
+    fit() returns, and finishes writing even if it raises.
     """
     stop = stop if stop is not None else StopRequest()
     d = dist or Dist()
@@ -143,18 +155,13 @@ def fit(
     optimizer = make_optimizer(model, cfg, device)
     state = TrainState() if resume is None else restore(resume, model, optimizer, tracker)
 
-    # On CUDA a per-step .item() stalls the GPU queue; let the fused optimizer skip bad steps.
-    if sync_free_guard is None:
-        sync_free_guard = device.type == "cuda"
-    # In the background only where the host CPU is otherwise idle, waiting on an accelerator.
-    if background_checkpoints is None:
-        background_checkpoints = device.type != "cpu"
-    guard = make_guard(sync_free_guard, optimizer, cfg, tracker)
+    choices = device_choices(device)
+    guard = make_guard(choices.guard_on_device, optimizer, cfg, tracker)
     params = [p for p in model.parameters() if p.requires_grad]
     train_step = TrainStep(wrap_for_steps(model, cfg, device, d), params, optimizer, guard,
                            cfg, tracker, device, d.enabled, steps_per_epoch)
     policy = CheckpointPolicy(cfg, run_dir, model, optimizer, checkpoint_fields or (lambda: {}),
-                              CheckpointWriter(background=background_checkpoints),
+                              CheckpointWriter(background=choices.background_checkpoints),
                               resumed=resume is not None, stop=stop, tracker=tracker, dist=d,
                               device=device)
     loop = Loop(model, data, cfg, device, d, tracker, train_step, guard, policy,
