@@ -200,10 +200,11 @@ def test_a_container_point_gets_the_sweep_as_env_options():
 
 
 def test_the_summary_is_the_last_json_line_of_stdout():
-    assert parse_summary('starting\n{"run_id": "a"}\nnoise\n{"run_id": "b"}\n') == \
-        {"run_id": "b"}
-    assert parse_summary("{not json\n") == {}
-    assert parse_summary("") == {}
+    summary = parse_summary('starting\n{"run_id": "a"}\nnoise\n'
+                            '{"run_id": "b", "status": "FINISHED", "best_epoch": 3}\n')
+    assert (summary.run_id, summary.status, summary.best_epoch) == ("b", "FINISHED", 3)
+    assert parse_summary("{not json\n") is None
+    assert parse_summary("") is None
 
 
 @pytest.mark.parametrize(("code", "status"), [

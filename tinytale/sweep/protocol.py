@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tinytale.tracking import RunSummary
+
 if TYPE_CHECKING:
     from tinytale.sweep.containers import ContainerPoints
     from tinytale.sweep.spec import SweepPoint, SweepSpec
@@ -122,8 +124,9 @@ def read_outcome(stdout: str, returncode: int, log_path: Path) -> ChildOutcome:
     summary = parse_summary(stdout)
     status = status_of(returncode)
     return ChildOutcome(
-        status, returncode, summary.get("run_id"), summary.get("best_epoch"),
-        summary.get("best_val_loss"), bool(summary.get("diverged")),
+        status, returncode, summary.run_id if summary else None,
+        summary.best_epoch if summary else None, summary.best_val_loss if summary else None,
+        bool(summary and summary.diverged),
         error_of(log_path, returncode) if status == "FAILED" else None)
 
 
@@ -133,16 +136,17 @@ def status_of(returncode: int) -> str:
     return "KILLED" if returncode in KILLED_EXIT_CODES else "FAILED"
 
 
-def parse_summary(stdout: str) -> dict[str, Any]:
-    """The dict `tinytale train --json` printed: its last `{...}` line ({} when none)."""
+def parse_summary(stdout: str) -> RunSummary | None:
+    """The RunSummary `tinytale train --json` printed as its last `{...}` line (None: none)."""
     for line in reversed(stdout.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):
             try:
-                return json.loads(line)
+                data = json.loads(line)
             except json.JSONDecodeError:
-                return {}
-    return {}
+                return None
+            return RunSummary.from_json(data) if isinstance(data, dict) else None
+    return None
 
 
 def error_of(log_path: Path, returncode: int) -> str:
