@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 from tinytale.cli import app
 from tinytale.launch import read_back_commands
+from tinytale.metrics import perplexity
 from tinytale.mlflow_tracker.uris import run_url, sweep_charts_url
 from tinytale.sweep.runner import PointResult, SweepResult, render_results
 from tinytale.tracking import ConsoleTracker
-from tinytale.train import _safe_exp, diverged
+from tinytale.train import diverged
 
 runner = CliRunner()
 
@@ -140,14 +141,14 @@ def test_diverged_means_far_above_guessing(train_loss, val_loss, expected):
 
 
 def test_perplexity_is_inf_past_float32_and_printed_readably():
-    assert _safe_exp(88.0) == pytest.approx(math.exp(88.0))
-    assert _safe_exp(460.0) == math.inf
+    assert perplexity(88.0) == pytest.approx(math.exp(88.0))
+    assert perplexity(460.0) == math.inf
     out = io.StringIO()
     console = ConsoleTracker(out, progress=False)
     console.log_metrics({"train_loss": 4600.0, "val_loss": 60.0, "val_perplexity": math.exp(60),
                          "lr": 1.0, "tokens_per_sec": 1e4, "epoch_time_s": 0.1}, step=1)
     console.log_metrics({"train_loss": 4600.0, "val_loss": 460.0,
-                         "val_perplexity": _safe_exp(460.0), "lr": 1.0, "tokens_per_sec": 1e4,
+                         "val_perplexity": perplexity(460.0), "lr": 1.0, "tokens_per_sec": 1e4,
                          "epoch_time_s": 0.1}, step=2)
     header, first, second = out.getvalue().splitlines()
     assert len(first) == len(second) == len(header), out.getvalue()

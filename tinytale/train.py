@@ -31,6 +31,7 @@ from tinytale.loop.guard import NonFiniteGuard, make_guard
 from tinytale.loop.policy import STOP_AGREE_EVERY_STEPS, CheckpointPolicy, StopRequest
 from tinytale.loop.state import Ending, TrainingFailed, TrainState
 from tinytale.loop.step import StepStats, TrainStep
+from tinytale.metrics import perplexity
 from tinytale.model import GPT, param_groups
 from tinytale.tracking import Tracker
 
@@ -291,9 +292,9 @@ def epoch_metrics(loop: Loop, state: TrainState, sums: EpochAccumulator) -> dict
         d.world_size
     metrics = {
         "train_loss": train_loss,
-        "train_perplexity": _safe_exp(train_loss),
+        "train_perplexity": perplexity(train_loss),
         "val_loss": val_loss,
-        "val_perplexity": _safe_exp(val_loss),
+        "val_perplexity": perplexity(val_loss),
         "generalization_gap": val_loss - train_loss,
         "lr": loop.train_step.lr(state.step),
         "grad_norm": sums.mean_grad_norm(),
@@ -305,15 +306,6 @@ def epoch_metrics(loop: Loop, state: TrainState, sums: EpochAccumulator) -> dict
         metrics["mfu"] = loop.model.flops_per_token() * metrics["tokens_per_sec"] / \
             (loop.peak_flops * d.world_size)
     return metrics
-
-
-# exp(88.72) is float32's largest value: past it a perplexity, as torch computes it from a
-# float32 loss, is inf. Larger finite numbers would only print as 40- to 300-digit figures.
-PERPLEXITY_MAX_LOSS = 88.72
-
-
-def _safe_exp(x: float) -> float:
-    return math.exp(x) if x <= PERPLEXITY_MAX_LOSS else math.inf
 
 
 def diverged(final_train_loss: float | None, final_val_loss: float | None, vocab_size: int

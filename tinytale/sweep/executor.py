@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from tinytale.compare import RunCurves
+from tinytale.signals import on_stop_signals
 from tinytale.sweep import protocol
 from tinytale.sweep.plan import PlannedPoint
 from tinytale.sweep.results import PointResult
@@ -72,32 +72,20 @@ def execute(plan: Sequence[PlannedPoint], books: Books, parallel: int, echo: Ech
     procs = _Processes()
     results = {p.index: _skipped(p) for p in plan if p.action == "skip"}
     to_run = [p for p in plan if p.action != "skip"]
-    previous = _forward_signals(procs, echo)
+
+    def on_stop(name: str) -> None:
+        echo(f"{name} received: stopping the running points (they save a checkpoint)")
+        procs.stop(name)
+
     try:
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
+        with on_stop_signals(on_stop), ThreadPoolExecutor(max_workers=parallel) as pool:
             outcomes = pool.map(lambda p: _run_point(p, books, procs, echo), to_run)
             for point, result in zip(to_run, outcomes, strict=True):
                 results[point.index] = result
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         done = [results[i] for i in sorted(results)]
         _finish_parent(books, done, procs.stopped)
     return done, procs.stopped
-
-
-def _forward_signals(procs: _Processes, echo: Echo) -> dict[int, Any]:
-    """Stop the running points on SIGINT/SIGTERM; the handlers it replaced, to restore."""
-    def on_signal(signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        echo(f"{name} received: stopping the running points (they save a checkpoint)")
-        procs.stop(name)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    return previous
 
 
 def _run_point(point: PlannedPoint, books: Books, procs: _Processes, echo: Echo

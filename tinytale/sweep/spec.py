@@ -28,11 +28,9 @@ edit to the base file or `set`, the point runs again from scratch.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import re
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,14 @@ from typing import Any
 
 import yaml
 
-from tinytale.config import Config, ConfigError, load_config
+from tinytale.config import (
+    ConfigError,
+    UnknownKeyError,
+    check_key,
+    describe_yaml_error,
+    known_keys,
+    load_config,
+)
 from tinytale.errors import UserError
 
 SWEEP_KEYS = ("name", "base", "experiment", "set", "grid", "points")
@@ -84,29 +89,20 @@ class SweepSpec:
         return [f"{key}={json.dumps(value)}" for key, value in merged.items()]
 
 
-def known_keys() -> dict[str, set[str]]:
-    """Every `section.key` a config has: {'model': {'n_layer', ...}, ...}."""
-    hints = typing.get_type_hints(Config)
-    return {f.name: {g.name for g in dataclasses.fields(hints[f.name])}
-            for f in dataclasses.fields(Config)}
-
-
 def _check_key(key: Any, where: str, source: Path) -> str:
-    import difflib
-
     if not isinstance(key, str) or key.count(".") != 1:
         raise SweepError(f"{where} in sweep file '{source}' has key {key!r}; keys are "
                          "section.key, e.g. model.dropout.")
     section, name = key.split(".")
-    keys = known_keys()
-    if section not in keys:
-        raise SweepError(f"{where} in sweep file '{source}' has unknown section in '{key}'; "
-                         f"sections are {', '.join(keys)}.")
-    if name not in keys[section]:
-        close = difflib.get_close_matches(name, keys[section], n=1)
-        hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+    try:
+        check_key(section, name)
+    except UnknownKeyError as exc:
+        if not exc.section_known:
+            raise SweepError(f"{where} in sweep file '{source}' has unknown section in "
+                             f"'{key}'; sections are {', '.join(known_keys())}.") from None
+        hint = f" (did you mean '{section}.{exc.close}'?)" if exc.close else ""
         raise SweepError(f"{where} in sweep file '{source}' has unknown key '{key}'{hint}; "
-                         f"fix the name.")
+                         f"fix the name.") from None
     if key in RESERVED_KEYS:
         raise SweepError(f"{where} in sweep file '{source}' sets '{key}', which the sweep "
                          "sets itself; use the sweep's name/experiment fields instead.")
@@ -159,10 +155,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SweepError(f"sweep file '{source}' is not valid YAML{where}; fix the syntax "
-                         "there.") from None
+        raise SweepError(describe_yaml_error(f"sweep file '{source}'", exc)) from None
     if not isinstance(raw, dict):
         raise SweepError(f"sweep file '{source}' must be a mapping with keys "
                          f"{', '.join(SWEEP_KEYS)}.")
