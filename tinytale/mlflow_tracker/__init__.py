@@ -30,7 +30,8 @@ to seq N is on the server) and `registered` (the model version created).
 
 Modules: `uris` (tracking URIs, the client, MLflow's HTTP settings), `spool` (the log, no
 mlflow), `replay` (the Replayer), `pyfunc` (the model, logged and registered),
-`system_metrics`, `tracker` (MlflowTracker), `commands` (sync, runs, get for the CLI).
+`served` (the served model's code, models-from-code), `system_metrics`, `tracker`
+(MlflowTracker), `commands` (sync, runs, get for the CLI).
 Callers import from this package; the names below are its public face.
 """
 
@@ -42,7 +43,7 @@ from tinytale.mlflow_tracker.commands import (
     list_runs,
     sync_spool,
 )
-from tinytale.mlflow_tracker.pyfunc import CHAMPION, MODEL_NAME, PYFUNC_CODE, log_and_register
+from tinytale.mlflow_tracker.pyfunc import CHAMPION, MODEL_NAME, log_and_register
 from tinytale.mlflow_tracker.replay import (
     EXPERIMENT_KIND,
     MAX_BATCH_METRICS,
@@ -69,7 +70,7 @@ from tinytale.mlflow_tracker.uris import (
 __all__ = [
     "CHAMPION", "EMBEDDED_ARTIFACTS", "EMBEDDED_DB", "EXPERIMENT_KIND", "KNOWN_SCHEMES",
     "MAX_BATCH_METRICS", "MAX_BATCH_PARAMS", "MAX_BATCH_TAGS", "MAX_PERMANENT_FAILURES",
-    "MODEL_NAME", "PYFUNC_CODE", "SPOOL_NAME", "TRANSIENT_CODES", "MlflowTracker", "Replayer",
+    "MODEL_NAME", "SPOOL_NAME", "TRANSIENT_CODES", "MlflowTracker", "Replayer",
     "Spool", "Unreachable", "check_tracking_uri", "default_tracking_uri", "download_checkpoint",
     "ensure_experiment", "find_spool", "finish_wait_s", "flush_interval_s", "list_runs",
     "log_and_register", "resolve_tracking_uri", "server_healthy", "sync_spool",
