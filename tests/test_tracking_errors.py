@@ -29,8 +29,10 @@ from test_security import Shipped, _has_auth_extra, _spawn, _wait_healthy, needs
 from typer.testing import CliRunner
 
 from tinytale.cli import app
-from tinytale.mlflow_tracker import SPOOL_NAME, Replayer, Spool, Unreachable, sync_spool
-from tinytale.mlflow_tracker.replay import Refused
+from tinytale.mlflow_tracker import SPOOL_NAME, sync_spool
+from tinytale.mlflow_tracker.connection import AccessRefused, NotSent
+from tinytale.mlflow_tracker.replay import Replayer
+from tinytale.mlflow_tracker.spool import Spool
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [*TINY, "train.epochs=2", "data.n_stories=24", "train.num_threads=1",
@@ -264,10 +266,10 @@ def write_metrics(spool: Spool, steps: range) -> None:
                       "metrics": {"loss": 1.0 / step}})
 
 
-def push_until_refused(replayer: Replayer, tries: int = 5) -> Refused:
+def push_until_refused(replayer: Replayer, tries: int = 5) -> AccessRefused:
     """Push a few times (more than the tries after which an invalid record is skipped)."""
     for _ in range(tries):
-        with pytest.raises(Refused) as caught:
+        with pytest.raises(AccessRefused) as caught:
             replayer.push()
     return caught.value
 
@@ -298,18 +300,19 @@ def test_a_login_refused_mid_run_keeps_every_record(
     assert acked(path) == 4 and len(replayer.pending()) == 5, "a refused record was sent"
     spool.close()
 
+    # The spool written here names no tracking URI (the tracker's does): name the server.
     with pytest.raises(Exception, match="refused the login") as failed:
-        sync_spool(path)
+        sync_spool(path, url(authed))
     assert "5 records stay" in str(failed.value)
     assert acked(path) == 4
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    result = sync_spool(path)
+    result = sync_spool(path, url(authed))
     assert result["run_id"] == run_id and result["complete"] and result["metrics_sent"] == 4
     client = MlflowClient(url(authed))
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 8))
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert sync_spool(path)["records_sent"] == 0
+    assert sync_spool(path, url(authed))["records_sent"] == 0
 
 
 def test_a_refused_host_header_keeps_every_record(strict: Shipped, tmp_path: Path) -> None:
@@ -352,7 +355,7 @@ def test_only_the_invalid_record_of_a_batch_is_skipped(
             try:
                 if replayer.push():
                     break
-            except Unreachable:
+            except NotSent:
                 continue
     assert not replayer.pending()
     history = MlflowClient(mlflow_server.url).get_metric_history(replayer.run_id, "loss")

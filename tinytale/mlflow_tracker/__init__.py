@@ -28,10 +28,11 @@ run), `params`, `tags`, `text` (small artifact, inline), `m` (metrics at one ste
 written by the replayer have no seq: `run` (the server's run id), `ack` (every record up
 to seq N is on the server) and `registered` (the model version created).
 
-Modules: `uris` (tracking URIs, the client, MLflow's HTTP settings), `spool` (the log, no
-mlflow), `replay` (the Replayer), `pyfunc` (the model, logged and registered),
-`served` (the served model's code, models-from-code), `system_metrics`, `tracker`
-(MlflowTracker), `commands` (sync, runs, get for the CLI).
+Modules: `uris` (tracking URIs, the health probe, UI links), `connection` (the one client,
+MLflow's settings, what a failed call means), `spool` (the log, no mlflow), `replay` (the
+Replayer), `pyfunc` (the model, logged and registered), `served` (the served model's code,
+models-from-code), `system_metrics`, `tracker` (MlflowTracker), `commands` (sync, runs, get
+for the CLI).
 Callers import from this package; the names below are its public face.
 """
 
@@ -43,17 +44,22 @@ from tinytale.mlflow_tracker.commands import (
     list_runs,
     sync_spool,
 )
+from tinytale.mlflow_tracker.connection import (
+    EXPERIMENT_KIND,
+    TRANSIENT_CODES,
+    AccessRefused,
+    NotSent,
+    RecordRejected,
+    ServerUnavailable,
+    ensure_experiment,
+)
 from tinytale.mlflow_tracker.pyfunc import CHAMPION, MODEL_NAME, log_and_register
 from tinytale.mlflow_tracker.replay import (
-    EXPERIMENT_KIND,
     MAX_BATCH_METRICS,
     MAX_BATCH_PARAMS,
     MAX_BATCH_TAGS,
     MAX_PERMANENT_FAILURES,
-    TRANSIENT_CODES,
     Replayer,
-    Unreachable,
-    ensure_experiment,
 )
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool
 from tinytale.mlflow_tracker.tracker import MlflowTracker, finish_wait_s, flush_interval_s
@@ -70,8 +76,9 @@ from tinytale.mlflow_tracker.uris import (
 __all__ = [
     "CHAMPION", "EMBEDDED_ARTIFACTS", "EMBEDDED_DB", "EXPERIMENT_KIND", "KNOWN_SCHEMES",
     "MAX_BATCH_METRICS", "MAX_BATCH_PARAMS", "MAX_BATCH_TAGS", "MAX_PERMANENT_FAILURES",
-    "MODEL_NAME", "SPOOL_NAME", "TRANSIENT_CODES", "MlflowTracker", "Replayer",
-    "Spool", "Unreachable", "check_tracking_uri", "default_tracking_uri", "download_checkpoint",
+    "MODEL_NAME", "SPOOL_NAME", "TRANSIENT_CODES", "AccessRefused", "MlflowTracker", "NotSent",
+    "RecordRejected", "Replayer", "ServerUnavailable", "Spool", "check_tracking_uri",
+    "default_tracking_uri", "download_checkpoint",
     "ensure_experiment", "find_spool", "finish_wait_s", "flush_interval_s", "list_runs",
     "log_and_register", "resolve_tracking_uri", "server_healthy", "sync_spool",
 ]

@@ -12,15 +12,19 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tinytale.errors import UserError
-from tinytale.mlflow_tracker.replay import Refused, Replayer, Unreachable
+from tinytale.mlflow_tracker.connection import (
+    AccessRefused,
+    NotSent,
+    make_client,
+    require_reachable,
+)
+from tinytale.mlflow_tracker.replay import Replayer
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool, _public
 from tinytale.mlflow_tracker.uris import (
-    _client,
     check_tracking_uri,
     missing_hint,
     require_store,
     resolve_tracking_uri,
-    server_healthy,
 )
 
 
@@ -58,11 +62,11 @@ def sync_spool(spool_path: Path, tracking_uri: str | None = None) -> dict[str, A
         before = len(replayer.pending())
         try:
             done = replayer.push()
-        except Refused as exc:
+        except AccessRefused as exc:
             raise UserError(f"{exc.what}, so {len(replayer.pending())} records stay in "
                             f"{spool_path}; {exc.fix}, then run `tinytale sync` again.") \
                 from None
-        except Unreachable as exc:
+        except NotSent as exc:
             raise UserError(f"MLflow at {uri} did not take the spooled records "
                             f"({str(exc)[:150]}); {len(replayer.pending())} records stay "
                             "spooled, run `tinytale sync` again when the server is up.") \
@@ -82,10 +86,8 @@ def list_runs(experiment: str, tracking_uri: str | None = None,
               max_results: int = 100) -> list[dict[str, Any]]:
     uri = resolve_tracking_uri(tracking_uri)
     require_store(uri, f"the runs of experiment '{experiment}'")
-    if not server_healthy(uri):
-        raise UserError(f"MLflow server {uri} is unreachable; start it or pass another "
-                        "--tracking-uri.")
-    client = _client(uri)
+    require_reachable(uri)
+    client = make_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise UserError(f"MLflow experiment '{experiment}' does not exist at {uri}; pass "
@@ -116,15 +118,15 @@ def download_checkpoint(source: str, tracking_uri: str | None = None) -> Path:
     """models:/NAME@ALIAS, models:/NAME/VERSION or a run id -> local path of its checkpoint."""
     uri = resolve_tracking_uri(tracking_uri)
     require_store(uri, f"'{source}' (it is not a checkpoint file)")
-    if not server_healthy(uri):
-        raise UserError(f"MLflow server {uri} is unreachable, so '{source}' cannot be "
-                        "fetched; start it or pass a checkpoint file.")
-    client = _client(uri)
+    require_reachable(uri, f", so '{source}' cannot be fetched",
+                      "start it or pass a checkpoint file")
+    client = make_client(uri)
     location = _model_location_of(client, source, uri)
     dest = Path(tempfile.mkdtemp(prefix="tinytale-ckpt-"))
     try:
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{location.rstrip('/')}/artifacts", dst_path=str(dest))
+            artifact_uri=f"{location.rstrip('/')}/artifacts", dst_path=str(dest),
+            tracking_uri=uri, registry_uri=uri)
     except MlflowException as exc:
         raise UserError(f"cannot download the checkpoint of '{source}' from {uri} "
                         f"({str(exc).splitlines()[0][:150]}).") from None

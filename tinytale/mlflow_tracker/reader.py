@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +23,9 @@ from typing import Any, TypeVar
 
 from tinytale.compare import RunCurves, clean_series
 from tinytale.errors import UserError
+from tinytale.mlflow_tracker import connection
+from tinytale.mlflow_tracker.connection import explain, make_client, use_mlflow_settings
+from tinytale.mlflow_tracker.uris import missing_hint, require_store, resolve_tracking_uri
 
 SWEEP_TAG = "tinytale.sweep"
 SWEEP_PARENT_TAG = "tinytale.sweep_parent"
@@ -39,31 +41,7 @@ _BULK_MAX_STEPS = 2500  # the server's limit of values per run and request
 
 def tracking_uri_or_default(uri: str | None) -> str:
     """The URI given, else MLFLOW_TRACKING_URI, else ./mlflow.db, exactly as `train` does."""
-    from tinytale.mlflow_tracker import resolve_tracking_uri
-
     return resolve_tracking_uri(uri)
-
-
-def server_problem(uri: str, exc: Exception) -> str | None:
-    """One sentence for an MLflow error a user fixes at the server (reach, credentials); else None.
-
-    MLflow reports both as `MlflowException`, so the HTTP status tells a refusal, and the
-    server's /health (it needs no credentials) whether it answers at all.
-    """
-    from mlflow.exceptions import MlflowException
-
-    from tinytale.mlflow_tracker.uris import access_refusal, server_healthy
-
-    if not isinstance(exc, MlflowException) or not uri.startswith(("http://", "https://")):
-        return None
-    refusal = access_refusal(exc, uri)
-    if refusal is not None:
-        what, fix = refusal
-        return f"{what}; {fix}."
-    if not server_healthy(uri):
-        return (f"cannot reach the MLflow server at {uri}; start it (`docker compose up -d "
-                "mlflow`, or `mlflow server`) or pass its address with --tracking-uri.")
-    return None
 
 
 def _server_errors(func: _F) -> _F:
@@ -74,20 +52,12 @@ def _server_errors(func: _F) -> _F:
         try:
             return func(tracking_uri, *args, **kwargs)
         except Exception as exc:
-            problem = server_problem(tracking_uri_or_default(tracking_uri), exc)
+            problem = explain(exc, tracking_uri_or_default(tracking_uri))
             if problem is None:
                 raise
             raise UserError(problem) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _client(uri: str | None) -> Any:
-    # MLflow would print "View run ... at URL" on stdout when a run ends; keep stdout clean.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri_or_default(uri))
 
 
 def _quote(value: str) -> str:
@@ -101,8 +71,6 @@ def _experiment_ids(client: Any, experiment: str | None, uri: str = "") -> list[
     if experiment:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            from tinytale.mlflow_tracker.uris import missing_hint
-
             hint = missing_hint(uri) if uri else ""
             raise UserError(f"MLflow experiment '{experiment}' does not exist at this tracking "
                             f"URI; check --experiment and --tracking-uri{hint}.")
@@ -158,14 +126,12 @@ def find_runs(tracking_uri: str | None, refs: Sequence[str] = (), experiment: st
     * `experiment` alone: its newest `limit` runs that are not sweep parents, oldest first;
       with refs or a sweep it only narrows where names and sweeps are looked up.
     """
-    from tinytale.mlflow_tracker.uris import missing_hint, require_store
-
     if not refs and not sweep and not experiment:
         raise UserError("nothing to compare; give run ids or names, --experiment NAME or "
                         "--sweep NAME.")
     uri = tracking_uri_or_default(tracking_uri)
     require_store(uri, f"sweep '{sweep}'" if sweep else "runs to compare")
-    client = _client(uri)
+    client = make_client(uri)
     exp_ids = _experiment_ids(client, experiment, uri)
     if not exp_ids:
         raise UserError(f"this tracking URI holds no experiments yet; train some runs first"
@@ -208,8 +174,6 @@ def _resolve_ref(client: Any, exp_ids: Sequence[str], ref: str, experiment: str 
     runs = _search(client, exp_ids, f"attributes.run_name = {_quote(ref)}", max_results=1,
                    order_by=("attributes.start_time DESC",))
     if not runs:
-        from tinytale.mlflow_tracker.uris import missing_hint
-
         where = f" in experiment '{experiment}'" if experiment else ""
         raise UserError(f"no run with id or name '{ref}'{where}; list runs in the MLflow UI "
                         f"or pass --experiment{missing_hint(uri)}.")
@@ -248,7 +212,7 @@ def fetch_histories(tracking_uri: str | None, runs: Sequence[RunCurves], keys: I
     else:
         pending = [(run_id, key) for run_id in by_id for key in keys]
     if pending:
-        client = _client(uri)
+        client = make_client(uri)
 
         def one(job: tuple[str, str]) -> list[tuple[int, float]]:
             return [(m.step, m.value) for m in client.get_metric_history(*job)]
@@ -269,6 +233,7 @@ def _bulk_history(uri: str, key: str, run_ids: Sequence[str]) -> dict[str, list[
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request, verify_rest_response
 
+    use_mlflow_settings()  # one try per request, as every client of ours makes
     endpoint = "/api/2.0/mlflow/metrics/get-history-bulk-interval"
     response = http_request(
         get_default_host_creds(uri), endpoint, "GET",
@@ -287,17 +252,15 @@ def _bulk_history(uri: str, key: str, run_ids: Sequence[str]) -> dict[str, list[
 @_server_errors
 def ensure_experiment(tracking_uri: str | None, name: str) -> str:
     """The id of experiment `name`, created when missing, as `train` creates it."""
-    from tinytale.mlflow_tracker import ensure_experiment as ensure
-
     uri = tracking_uri_or_default(tracking_uri)
-    return ensure(_client(uri), name, uri)
+    return connection.ensure_experiment(make_client(uri), name, uri)
 
 
 @_server_errors
 def find_sweep_parent(tracking_uri: str | None, experiment: str | None, sweep: str
                       ) -> str | None:
     """The run id of the newest parent run of `sweep` (None when there is none)."""
-    client = _client(tracking_uri)
+    client = make_client(tracking_uri_or_default(tracking_uri))
     try:
         exp_ids = _experiment_ids(client, experiment)
     except UserError:
@@ -311,7 +274,7 @@ def find_sweep_parent(tracking_uri: str | None, experiment: str | None, sweep: s
 def start_sweep_parent(tracking_uri: str | None, experiment: str, sweep: str,
                        params: dict[str, Any], spec_text: str) -> str:
     """Reopen the sweep's parent run (RUNNING again) or create it; log the sweep file to it."""
-    client = _client(tracking_uri)
+    client = make_client(tracking_uri_or_default(tracking_uri))
     exp_id = ensure_experiment(tracking_uri, experiment)
     run_id = find_sweep_parent(tracking_uri, experiment, sweep)
     if run_id is None:
@@ -335,7 +298,7 @@ def finish_sweep_parent(tracking_uri: str | None, run_id: str, status: str,
                         metrics: dict[str, float]) -> None:
     from mlflow.entities import Metric
 
-    client = _client(tracking_uri)
+    client = make_client(tracking_uri_or_default(tracking_uri))
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     client.set_terminated(run_id, status)
@@ -344,7 +307,7 @@ def finish_sweep_parent(tracking_uri: str | None, run_id: str, status: str,
 @_server_errors
 def sweep_point_runs(tracking_uri: str | None, experiment: str, sweep: str) -> list[RunCurves]:
     """Every point run of `sweep` in `experiment` (any status), oldest first; none: []."""
-    client = _client(tracking_uri)
+    client = make_client(tracking_uri_or_default(tracking_uri))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -356,7 +319,7 @@ def sweep_point_runs(tracking_uri: str | None, experiment: str, sweep: str) -> l
 def record_failed_point(tracking_uri: str | None, experiment: str, parent_run_id: str,
                         run_name: str, tags: dict[str, str], error: str) -> str:
     """A FAILED child run for a point that died before it could open its own run."""
-    client = _client(tracking_uri)
+    client = make_client(tracking_uri_or_default(tracking_uri))
     exp_id = ensure_experiment(tracking_uri, experiment)
     run = client.create_run(exp_id, run_name=run_name,
                             tags={**tags, PARENT_TAG: parent_run_id, ERROR_TAG: error[:4000]})
@@ -368,7 +331,7 @@ def record_failed_point(tracking_uri: str | None, experiment: str, parent_run_id
 @_server_errors
 def mark_run_failed(tracking_uri: str | None, run_id: str, error: str) -> None:
     """Close a point run its process left RUNNING (it was killed) as FAILED, with the reason."""
-    client = _client(tracking_uri)
+    client = make_client(tracking_uri_or_default(tracking_uri))
     client.set_tag(run_id, ERROR_TAG, error[:4000])
     client.set_terminated(run_id, "FAILED")
 
@@ -380,6 +343,6 @@ def mark_run_failed(tracking_uri: str | None, run_id: str, error: str) -> None:
 def log_figure(tracking_uri: str | None, run_id: str, path: Path,
                artifact_dir: str = "compare") -> str:
     """Upload the comparison figure to a run; returns the artifact path."""
-    client = _client(tracking_uri)
+    client = make_client(tracking_uri_or_default(tracking_uri))
     client.log_artifact(run_id, str(path), artifact_dir)
     return f"{artifact_dir}/{Path(path).name}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -13,65 +12,26 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from tinytale.errors import UserError
+from tinytale.mlflow_tracker.connection import (
+    Failure,
+    NotSent,
+    RecordRejected,
+    ServerUnavailable,
+    access_refusal,
+    classify,
+    ensure_experiment,
+    make_client,
+)
 from tinytale.mlflow_tracker.pyfunc import log_and_register
 from tinytale.mlflow_tracker.spool import Spool
-from tinytale.mlflow_tracker.uris import (
-    EMBEDDED_ARTIFACTS,
-    _client,
-    _is_embedded,
-    access_refusal,
-    server_healthy,
-)
+from tinytale.mlflow_tracker.uris import server_healthy
 
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limits
 MAX_BATCH_PARAMS = 100
 MAX_BATCH_TAGS = 100
 MAX_PERMANENT_FAILURES = 3  # a record the server rejects as invalid is skipped after this
 
 log = logging.getLogger("tinytale.mlflow")
-
-
-class Unreachable(Exception):
-    """The tracking server did not take the records yet; the spool keeps them for later."""
-
-
-class Refused(Unreachable):
-    """The server answers but refuses us (HTTP 401/403): kept for later, like an outage, but
-    it takes a person to fix (`what` says what was refused, `fix` how)."""
-
-    def __init__(self, what: str, fix: str):
-        super().__init__(f"{what}; {fix}")
-        self.what, self.fix = what, fix
-
-
-TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
-                   "DEADLINE_EXCEEDED"}
-# The only answers that let a record be dropped: the record itself is invalid (a bad metric
-# or param value; INVALID_STATE: a deleted run, a checkpoint gone), so it can never pass.
-INVALID_DATA_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "MALFORMED_REQUEST",
-                      "INVALID_STATE"}
-
-
-def _transient(exc: BaseException, uri: str) -> bool:
-    """Retry later without counting (server away or busy), or a refusal to give up on?
-
-    Only a definite answer (bad value, unknown resource, a bug of ours) counts as a refusal:
-    anything that may pass on its own is retried, and stays in the spool meanwhile.
-    """
-    if isinstance(exc, OSError | TimeoutError) or not server_healthy(uri):
-        return True  # requests' errors are OSErrors
-    if str(getattr(exc, "error_code", "")) in TRANSIENT_CODES:
-        return True
-    text = str(exc).lower()
-    return "database is locked" in text or "busy" in text
-
-
-def _invalid(rec: dict[str, Any], exc: BaseException) -> bool:
-    """May the record be dropped? Only when the server says the record itself is invalid;
-    never the run's `open`, which every later record needs."""
-    return rec["op"] != "open" and isinstance(exc, MlflowException) and \
-        str(exc.error_code) in INVALID_DATA_CODES
 
 
 class Replayer:
@@ -127,9 +87,9 @@ class Replayer:
 
     def _connect(self) -> MlflowClient:
         if not server_healthy(self.uri):
-            raise Unreachable(f"MLflow server {self.uri} is unreachable")
+            raise ServerUnavailable(f"MLflow server {self.uri} is unreachable")
         if self.client is None:
-            self.client = _client(self.uri)
+            self.client = make_client(self.uri)
         return self.client
 
     # -- the loop --------------------------------------------------------------
@@ -137,7 +97,8 @@ class Replayer:
     def push(self, include_models: bool = True) -> bool:
         """Send everything pending; True when the spool is fully acknowledged.
 
-        Raises Unreachable when the server is away (nothing is lost: call again later).
+        Raises NotSent when the server did not take a record (nothing is lost: call again
+        later): ServerUnavailable, AccessRefused or RecordRejected.
         """
         with self.lock:
             pending = self.pending()
@@ -169,51 +130,59 @@ class Replayer:
         """Run one send of `recs`; ack them on success, classify a failure.
 
         Only an acknowledged record counts as sent. A failure is an outage or a busy server
-        (Unreachable), a refusal of our login, permission or Host header (Refused), or a
-        definite answer about the records; of those only an invalid record is ever skipped.
+        (ServerUnavailable), a refusal of our login, permission or Host header
+        (AccessRefused), or a definite answer about the records (RecordRejected); of those
+        only a record the server calls invalid is ever skipped.
         """
         last = recs[-1]
         try:
             action(*args)
-        except Unreachable:
+        except NotSent:
             self._doubt()
             raise
         except UserError:
             raise  # e.g. a deleted experiment: the user must act
         except Exception as exc:
             self._doubt()  # the server may have taken part of it
-            why = (str(exc).splitlines() or [type(exc).__name__])[0]
-            refusal = access_refusal(exc, self.uri)
-            if refusal is not None:
-                raise Refused(*refusal) from exc
-            if _transient(exc, self.uri):
-                raise Unreachable(why[:300]) from exc
-            seq = last["seq"]
-            log.debug("spool record %s failed", seq, exc_info=True)
-            if not _invalid(last, exc):
-                raise Unreachable(f"MLflow did not take spool record {seq} ({last['op']}): "
-                                  f"{why[:200]}; it stays spooled") from exc
-            if len(recs) > 1:  # one bad metric must not take a whole batch down with it
-                self.suspects.update(r["seq"] for r in recs)
-                raise Unreachable(f"MLflow rejected a batch of metrics ({why[:200]}); "
-                                  "resending it record by record") from exc
-            # The record itself is invalid: retry a few times, then skip it.
-            self.failures[seq] = self.failures.get(seq, 0) + 1
-            if self.failures[seq] < MAX_PERMANENT_FAILURES:
-                raise Unreachable(f"MLflow rejected spool record {seq} ({last['op']}): "
-                                  f"{why[:200]}; will retry") from exc
-            log.warning("MLflow rejected spool record %s (%s) as invalid: %s; skipping it",
-                        seq, last["op"], why[:300])
-            self._ack(seq)
+            self._failed(recs, exc)
             return
         self._ack(last["seq"])
+
+    def _failed(self, recs: list[dict[str, Any]], exc: Exception) -> None:
+        """Raise the NotSent that `exc` means for `recs`, or skip (acknowledge unsent) a
+        record the server called invalid MAX_PERMANENT_FAILURES times."""
+        last = recs[-1]
+        seq = last["seq"]
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        failure = classify(exc, self.uri)
+        if failure is Failure.REFUSED:
+            raise access_refusal(exc, self.uri) from exc
+        if failure in (Failure.UNREACHABLE, Failure.BUSY):
+            raise ServerUnavailable(why[:300]) from exc
+        log.debug("spool record %s failed", seq, exc_info=True)
+        # Never the run's `open`, which every later record needs.
+        if failure is not Failure.INVALID or last["op"] == "open":
+            raise RecordRejected(f"MLflow did not take spool record {seq} ({last['op']}): "
+                                 f"{why[:200]}; it stays spooled") from exc
+        if len(recs) > 1:  # one bad metric must not take a whole batch down with it
+            self.suspects.update(r["seq"] for r in recs)
+            raise RecordRejected(f"MLflow rejected a batch of metrics ({why[:200]}); "
+                                 "resending it record by record") from exc
+        # The record itself is invalid: retry a few times, then skip it.
+        self.failures[seq] = self.failures.get(seq, 0) + 1
+        if self.failures[seq] < MAX_PERMANENT_FAILURES:
+            raise RecordRejected(f"MLflow rejected spool record {seq} ({last['op']}): "
+                                 f"{why[:200]}; will retry") from exc
+        log.warning("MLflow rejected spool record %s (%s) as invalid: %s; skipping it",
+                    seq, last["op"], why[:300])
+        self._ack(seq)
 
     # -- operations ----------------------------------------------------------------
 
     def _require_run(self) -> str:
         if self.run_id is None:  # kept, never dropped: a later replay creates the run first
-            raise Unreachable("the spool has no run on the server yet (its open record was "
-                              "not accepted)")
+            raise NotSent("the spool has no run on the server yet (its open record was not "
+                          "accepted)")
         return self.run_id
 
     def _apply(self, client: MlflowClient, rec: dict[str, Any]) -> None:
@@ -311,22 +280,3 @@ def _param_value(value: Any) -> str:
     text = "null" if value is None else str(value)
     return text[:6000]
 
-
-def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    """The experiment's id; created (tagged for the training-runs view) when missing."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            raise UserError(f"MLflow experiment '{name}' is deleted; restore it with `mlflow "
-                            f"experiments restore` or train with another --experiment.")
-        return exp.experiment_id
-    location = None
-    if _is_embedded(uri):
-        db = Path(uri[len("sqlite:///"):])
-        location = (db.parent / EMBEDDED_ARTIFACTS).resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
-    except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" in str(exc.error_code):  # created by a parallel run
-            return client.get_experiment_by_name(name).experiment_id
-        raise

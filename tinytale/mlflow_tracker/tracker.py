@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from tinytale.errors import UserError
-from tinytale.mlflow_tracker.replay import Refused, Replayer, Unreachable
+from tinytale.mlflow_tracker.connection import (
+    AccessRefused,
+    NotSent,
+    check_access,
+    use_mlflow_settings,
+)
+from tinytale.mlflow_tracker.replay import Replayer
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool
 from tinytale.mlflow_tracker.system_metrics import _system_monitor
-from tinytale.mlflow_tracker.uris import check_access, resolve_tracking_uri, run_url
+from tinytale.mlflow_tracker.uris import resolve_tracking_uri, run_url
 from tinytale.tracking import Closed, Registration, RunInfo, RunSummary, Tracker
 
 log = logging.getLogger("tinytale.mlflow")
@@ -48,6 +54,7 @@ class MlflowTracker(Tracker):
         """
         self.config = config
         self.uri = resolve_tracking_uri(tracking_uri, write=True)
+        use_mlflow_settings()
         check_access(self.uri, config.tracking.experiment)
         self.spool: Spool | None = None
         self.replayer: Replayer | None = None
@@ -103,13 +110,13 @@ class MlflowTracker(Tracker):
             self._restore_progress()
         try:
             self.replayer.push()
-        except Refused as exc:
+        except AccessRefused as exc:
             if self.replayer.run_id is not None:
                 self._warn(exc)  # the run is on the server: go on as mid-run
             else:  # nothing of this run reached the server: do not train at all
                 self._undo_start(resumed=opened is not None, made=made)
-                raise UserError(f"{exc.what}; {exc.fix}.") from None
-        except Unreachable as exc:
+                raise UserError(exc.sentence) from None
+        except NotSent as exc:
             self._warn(exc)
         except UserError:  # e.g. a deleted experiment: the user must act first
             if self.replayer.run_id is None:
@@ -177,23 +184,23 @@ class MlflowTracker(Tracker):
             try:
                 self.replayer.push(include_models=False)
                 delay = interval
-            except Refused as exc:
+            except AccessRefused as exc:
                 self._warn(exc)
                 delay = interval  # a person must act: no point in asking faster
-            except Unreachable as exc:
+            except NotSent as exc:
                 self._warn(exc)
                 delay = min(interval, 2.0)
             except Exception as exc:  # never let the logger thread die silently
                 log.warning("MLflow logging error: %s", exc)
                 delay = interval
 
-    def _warn(self, exc: Unreachable) -> None:
-        """Once per kind (outage, refusal): training goes on, the spool keeps everything."""
-        kind = "refused" if isinstance(exc, Refused) else "offline"
+    def _warn(self, exc: NotSent) -> None:
+        """Once per kind (refusal, anything else): training goes on, the spool keeps all."""
+        kind = "refused" if isinstance(exc, AccessRefused) else "offline"
         if kind in self._warned:
             return
         self._warned.add(kind)
-        if isinstance(exc, Refused):
+        if isinstance(exc, AccessRefused):
             print(f"warning: {exc.what}; training goes on and every record stays in "
                   f"{self.spool.path}, unsent until that is fixed: {exc.fix}, then run "
                   f"`tinytale sync {self.spool.path.parent}`.", file=sys.stderr, flush=True)
@@ -270,7 +277,7 @@ class MlflowTracker(Tracker):
         t0 = time.perf_counter()
         try:
             self.replayer.push()
-        except Unreachable as exc:
+        except NotSent as exc:
             self._warn(exc)
         if self.replayer.acked >= rec["seq"] and self.replayer.registered:
             return Registration.from_record(self.replayer.registered,
@@ -307,13 +314,13 @@ class MlflowTracker(Tracker):
             try:
                 if self.replayer.push():
                     break
-            except Refused as exc:  # waiting will not help: say what to do, and stop here
+            except AccessRefused as exc:  # waiting will not help: say what to do, and stop here
                 print(f"warning: {exc.what}; {len(self.replayer.pending())} records of this "
                       f"run wait in {self.spool.path}, unsent; {exc.fix}, then send them with "
                       f"`tinytale sync {self.spool.path.parent}`.", file=sys.stderr,
                       flush=True)
                 break
-            except Unreachable as exc:
+            except NotSent as exc:
                 self._warn(exc)
                 why = str(exc)
             except Exception as exc:  # the run is over: keep the spool, never crash here

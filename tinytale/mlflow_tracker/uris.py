@@ -1,18 +1,16 @@
-"""Tracking URIs and the MLflow client: defaults, validation, health probes, HTTP settings."""
+"""Tracking URIs: defaults, validation, the health probe, links into the UI, hints on stores.
+
+No MLflow client here (see connection.py); nothing in this module imports mlflow at load.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import tempfile
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-
-import mlflow
-from mlflow import MlflowClient
 
 from tinytale.errors import UserError
 
@@ -20,18 +18,6 @@ EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
 KNOWN_SCHEMES = {"http", "https", "file", "sqlite", "postgresql", "mysql", "mssql",
                  "databricks", "databricks-uc", "uc"}
-
-# Set after `import mlflow` above (its import configures the 'mlflow' logger); the package
-# __init__ imports this module, so these hold before any call reaches MLflow.
-# One HTTP try per call: the replayer is the retry layer, and MLflow's own retries with
-# backoff would block a flush for minutes while the server is down.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-# stdout carries the CLI's --json line: MLflow must not print run URLs or progress bars there.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def default_tracking_uri(cwd: Path | None = None) -> str:
@@ -135,93 +121,23 @@ def _probe_folder(uri: str, path: Path, folder: Path) -> None:
                         f"({exc.strerror or exc}); {LOCAL_HINT}.") from None
 
 
-def _is_http(uri: str) -> bool:
+def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def _is_embedded(uri: str) -> bool:
+def is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
 
 def server_healthy(uri: str, timeout: float = 2.0) -> bool:
     """A cheap probe (no MLflow retries): True for local stores, /health for servers."""
-    if not _is_http(uri):
+    if not is_http(uri):
         return True
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
             return r.status == 200
     except (OSError, ValueError):
         return False
-
-
-def _client(uri: str) -> MlflowClient:
-    mlflow.set_tracking_uri(uri)  # log_model and register_model use the global URI
-    return MlflowClient(uri, registry_uri=uri)
-
-
-# Error codes MLflow gives a 401 or 403 answer (mlflow.exceptions.ERROR_CODE_TO_HTTP_STATUS).
-ACCESS_CODES = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}
-LOGIN_VARS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-
-
-def access_refusal(exc: BaseException, uri: str) -> tuple[str, str] | None:
-    """(what the server refused, the fix) when it answered 401 or 403; None otherwise.
-
-    Such an answer is no outage and no bad record: the server refuses *us* (login, permission
-    or Host header), and it refuses every record alike until a person fixes that.
-    """
-    status, text = _refused_status(exc)
-    if status is None:
-        return None
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
-    if status == 403 and "host header" in text.lower():
-        host = urllib.parse.urlparse(uri).netloc.rsplit("@", 1)[-1]
-        return (f"MLflow at {uri} refuses the Host header '{host}' (HTTP 403)",
-                f"add '{host}' to the server's allowed hosts (MLFLOW_SERVER_ALLOWED_HOSTS, "
-                "`mlflow server --allowed-hosts`) or use a host name it allows")
-    if status == 401 and not user:
-        return (f"MLflow at {uri} requires a login and none was given (HTTP 401)",
-                f"set {LOGIN_VARS} to an account of that server")
-    if status == 401:
-        return (f"MLflow at {uri} refused the login of user '{user}' (HTTP 401)",
-                f"set {LOGIN_VARS} to an account of that server")
-    who = f"user '{user}'" if user else "this client"
-    return (f"MLflow at {uri} denied {who} permission (HTTP 403)",
-            "have the server's admin grant it EDIT on the experiment, or log in as another "
-            f"user with {LOGIN_VARS}")
-
-
-def _refused_status(exc: BaseException) -> tuple[int | None, str]:
-    """401/403 and the answer's text, from an MlflowException or a requests error (artifact
-    uploads), looking through the exceptions it was raised from."""
-    seen: BaseException | None = exc
-    for _ in range(6):
-        if seen is None:
-            break
-        code = str(getattr(seen, "error_code", "") or "")
-        if code in ACCESS_CODES:
-            return ACCESS_CODES[code], str(seen)
-        status = getattr(getattr(seen, "response", None), "status_code", None)
-        if status in (401, 403):
-            return status, f"{getattr(seen.response, 'text', '')} {seen}"
-        seen = seen.__cause__ or seen.__context__
-    return None, ""
-
-
-def check_access(uri: str, experiment: str) -> None:
-    """Refuse to train against a server that answers but refuses us (401/403): one sentence.
-
-    A server that does not answer is an outage, not an error: the spool keeps the run.
-    """
-    if not _is_http(uri) or not server_healthy(uri):
-        return
-    try:
-        _client(uri).get_experiment_by_name(experiment)
-    except Exception as exc:
-        refusal = access_refusal(exc, uri)
-        if refusal is not None:
-            raise UserError(f"{refusal[0]}; {refusal[1]}.") from None
-        # Anything else is the replayer's to retry or to report.
 
 
 # --------------------------------------------------------------------------- the MLflow UI
@@ -237,7 +153,7 @@ def ui_base(uri: str) -> str | None:
     A trainer container logs to http://mlflow:5000, which no browser on the host can open:
     compose tells it the published address in TINYTALE_MLFLOW_UI_URL.
     """
-    if not _is_http(uri):
+    if not is_http(uri):
         return None
     return (os.environ.get("TINYTALE_MLFLOW_UI_URL") or uri).rstrip("/")
 
@@ -291,7 +207,7 @@ def require_store(uri: str, looking_for: str) -> None:
     Opening a missing sqlite:/// store makes MLflow create an empty one: a read-only command
     would leave a 1 MB mlflow.db behind and then report that nothing is in it.
     """
-    if not _is_embedded(uri):
+    if not is_embedded(uri):
         return
     db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
     if not db.exists():
