@@ -148,6 +148,10 @@ class Tracker:
 
     run_id: str | None = None
 
+    def check(self, info: RunInfo) -> None:
+        """Before anything of the run is printed or written: raise UserError when the backend
+        refuses the run (a server refusing our login). `start` checks too; nothing by default."""
+
     def start(self, info: RunInfo) -> str | None:
         """Open the run; return its id (None when the backend has no ids)."""
         return None
@@ -195,7 +199,12 @@ class FanoutTracker(Tracker):
         # Read live: a tracker that started offline learns its run id later.
         return next((t.run_id for t in self.trackers if t.run_id), None)
 
+    def check(self, info: RunInfo) -> None:
+        for t in self.trackers:
+            t.check(info)
+
     def start(self, info: RunInfo) -> str | None:
+        self.check(info)  # a refusal is then the only line: the console has not announced it
         ids = [t.start(info) for t in self.trackers]
         return next((i for i in ids if i), None)
 

@@ -47,15 +47,13 @@ class MlflowTracker(Tracker):
     """Tracker that spools locally and replays to MLflow on a background thread."""
 
     def __init__(self, config: Any, tracking_uri: str | None = None):
-        """Checks the URI, and a server's answer to our login, before anything is trained.
+        """Checks the URI (no network: the server is first asked in `check` or `start`).
 
-        Raises UserError for a URI MLflow cannot use and for a server that answers but
-        refuses us (401/403); an unreachable server is fine (the spool keeps the run).
+        Raises UserError for a URI MLflow cannot use.
         """
         self.config = config
         self.uri = resolve_tracking_uri(tracking_uri, write=True)
-        use_mlflow_settings()
-        check_access(self.uri, config.tracking.experiment)
+        self._checked = False
         self.spool: Spool | None = None
         self.replayer: Replayer | None = None
         self.local_id: str | None = None
@@ -78,7 +76,18 @@ class MlflowTracker(Tracker):
 
     # -- lifecycle ---------------------------------------------------------------
 
+    def check(self, info: RunInfo) -> None:
+        """Ask a server whether it lets us log (once): UserError for one that answers but
+        refuses us (401/403); an unreachable server is fine (the spool keeps the run)."""
+        if not self._checked:
+            use_mlflow_settings()
+            check_access(self.uri, info.experiment)
+            self._checked = True
+
     def start(self, info: RunInfo) -> str | None:
+        """Open the run: checked (see `check`) before anything is written, then spooled and
+        sent. UserError when nothing of the run can reach the server and a person must act."""
+        self.check(info)
         local_dir = info.local_dir
         if local_dir is None:
             self._tmpdir = tempfile.mkdtemp(prefix="tinytale-spool-")
