@@ -28,12 +28,22 @@ run), `params`, `tags`, `text` (small artifact, inline), `m` (metrics at one ste
 written by the replayer have no seq: `run` (the server's run id), `ack` (every record up
 to seq N is on the server) and `registered` (the model version created).
 
-Modules: `uris` (tracking URIs, the health probe, UI links), `connection` (the one client,
-MLflow's settings, what a failed call means), `spool` (the log, no mlflow), `replay` (the
-Replayer), `pyfunc` (the model, logged and registered), `served` (the served model's code,
-models-from-code), `system_metrics`, `tracker` (MlflowTracker), `commands` (sync, runs, get
-for the CLI).
-Callers import from this package; the names below are its public face.
+Modules:
+
+* `uris`: tracking URIs (defaults, validation), the health probe, links into the UI, store hints
+* `connection`: the one MLflow client and its settings, what a failed call means (`NotSent`:
+  `ServerUnavailable`, `AccessRefused`, `RecordRejected`), the experiment a run goes to
+* `spool`: the log (no mlflow); `replay`: the Replayer
+* `pyfunc`: the best checkpoint logged and registered, the champion; `served`: the served
+  model's code (models-from-code)
+* `tracker`: MlflowTracker; `system_metrics`: MLflow's monitor, writing to the spool
+* `commands`: `tinytale sync` and `runs`, and the checkpoint `generate` fetches from MLflow;
+  `reader`: runs read back for sweeps and compare
+* `local_server`: a real `mlflow server` subprocess for tests, benchmarks and drills
+
+Nothing here changes the environment at import, and no constructor talks to a server: MLflow's
+settings are applied where a client is made or a run starts (`connection.use_mlflow_settings`),
+and MlflowTracker first asks the server in `check`/`start`, before anything is written.
 """
 
 from __future__ import annotations
@@ -44,41 +54,9 @@ from tinytale.mlflow_tracker.commands import (
     list_runs,
     sync_spool,
 )
-from tinytale.mlflow_tracker.connection import (
-    EXPERIMENT_KIND,
-    TRANSIENT_CODES,
-    AccessRefused,
-    NotSent,
-    RecordRejected,
-    ServerUnavailable,
-    ensure_experiment,
-)
-from tinytale.mlflow_tracker.pyfunc import CHAMPION, MODEL_NAME, log_and_register
-from tinytale.mlflow_tracker.replay import (
-    MAX_BATCH_METRICS,
-    MAX_BATCH_PARAMS,
-    MAX_BATCH_TAGS,
-    MAX_PERMANENT_FAILURES,
-    Replayer,
-)
-from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool
-from tinytale.mlflow_tracker.tracker import MlflowTracker, finish_wait_s, flush_interval_s
-from tinytale.mlflow_tracker.uris import (
-    EMBEDDED_ARTIFACTS,
-    EMBEDDED_DB,
-    KNOWN_SCHEMES,
-    check_tracking_uri,
-    default_tracking_uri,
-    resolve_tracking_uri,
-    server_healthy,
-)
+from tinytale.mlflow_tracker.spool import SPOOL_NAME
+from tinytale.mlflow_tracker.tracker import MlflowTracker
 
-__all__ = [
-    "CHAMPION", "EMBEDDED_ARTIFACTS", "EMBEDDED_DB", "EXPERIMENT_KIND", "KNOWN_SCHEMES",
-    "MAX_BATCH_METRICS", "MAX_BATCH_PARAMS", "MAX_BATCH_TAGS", "MAX_PERMANENT_FAILURES",
-    "MODEL_NAME", "SPOOL_NAME", "TRANSIENT_CODES", "AccessRefused", "MlflowTracker", "NotSent",
-    "RecordRejected", "Replayer", "ServerUnavailable", "Spool", "check_tracking_uri",
-    "default_tracking_uri", "download_checkpoint",
-    "ensure_experiment", "find_spool", "finish_wait_s", "flush_interval_s", "list_runs",
-    "log_and_register", "resolve_tracking_uri", "server_healthy", "sync_spool",
-]
+# What callers outside the package use; the rest is imported from its module.
+__all__ = ["SPOOL_NAME", "MlflowTracker", "download_checkpoint", "find_spool", "list_runs",
+           "sync_spool"]

@@ -1,4 +1,4 @@
-"""What the CLI's sync, runs and get commands do: replay a spool, list runs, fetch a checkpoint."""
+"""`tinytale sync` and `runs`, and `generate`'s fetch of a logged checkpoint, for the CLI."""
 
 from __future__ import annotations
 
