@@ -28,6 +28,7 @@ from tinytale.mlflow_tracker.replay import Replayer
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool
 from tinytale.mlflow_tracker.system_metrics import _system_monitor
 from tinytale.mlflow_tracker.uris import resolve_tracking_uri, run_url
+from tinytale.paths import missing_folders
 from tinytale.tracking import Closed, Registration, RunInfo, RunSummary, Tracker
 
 log = logging.getLogger("tinytale.mlflow")
@@ -92,7 +93,7 @@ class MlflowTracker(Tracker):
         if local_dir is None:
             self._tmpdir = tempfile.mkdtemp(prefix="tinytale-spool-")
             local_dir = Path(self._tmpdir)
-        made = _missing_folders(Path(local_dir))
+        made = missing_folders(Path(local_dir))
         self.spool = Spool(Path(local_dir) / SPOOL_NAME)
         self.replayer = Replayer(self.spool, self.uri)
         opened = self.spool.first("open")
@@ -354,14 +355,6 @@ class MlflowTracker(Tracker):
             closed.registration = Registration.from_record(self.replayer.registered)
         return closed
 
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """`folder` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
 
 
 def _now_ms() -> int:

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from tinytale.errors import UserError
+from tinytale.paths import nearest_existing
 
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
@@ -102,9 +103,7 @@ def _check_local_path(uri: str, path: Path, want_dir: bool, write: bool) -> None
         if write and not want_dir:
             _probe_folder(uri, path, path.parent)  # SQLite writes its journal beside the file
         return
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = nearest_existing(path.parent)
     if not folder.is_dir():
         raise UserError(f"tracking URI '{uri}': '{folder}' is a file, not a folder; "
                         f"{LOCAL_HINT}.")
