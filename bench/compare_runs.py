@@ -28,7 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tinytale.mlflow_tracker.local_server import LocalServer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.server import LocalServer  # noqa: E402 (the tests' local server)
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ("train_loss", "val_loss", "train_perplexity", "val_perplexity",

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +31,13 @@ from torch.utils.data import default_collate
 import tinytale.data as data_mod
 import tinytale.train as train_mod
 from tinytale.config import load_config
-from tinytale.mlflow_tracker.local_server import LocalServer
 from tinytale.model import param_groups
 from tinytale.run import build_model, prepare_data
 from tinytale.tracking import NullTracker, RunInfo
 from tinytale.train import fit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.server import LocalServer  # noqa: E402 (the tests' local server)
 
 SETTINGS = {
     # The small CPU setting of minimal GPT trainers: 4 layers, 4 heads, 128 wide, block 64.

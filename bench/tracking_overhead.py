@@ -45,7 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tinytale.mlflow_tracker.local_server import LocalServer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.server import LocalServer  # noqa: E402 (the tests' local server)
 
 BIN = Path(sys.executable).parent
 VARIANTS = {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start tinytale's MLflow tracking server: the ENTRYPOINT of docker/mlflow.Dockerfile, and the
-# same script on a host without Docker (tests/test_security.py runs it as a subprocess), so that
+# same script on a host without Docker (tests/e2e/test_security.py runs it as a subprocess), so that
 # both start `mlflow server` with the same flags:
 #   SQLite runs database   $TINYTALE_MLFLOW_HOME/db/mlflow.db
 #   artifacts              $TINYTALE_MLFLOW_HOME/artifacts, served over HTTP (--serve-artifacts)

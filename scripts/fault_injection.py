@@ -4,7 +4,7 @@ Each scenario trains a small run against a local `mlflow server`, breaks somethi
 purpose, recovers the way a user would, and then asks the server what it has. Prints, per
 scenario, epochs logged / epochs expected, duplicates, and whether the model version exists.
 Where a fault must land mid-run, the trainer waits at a chosen micro-batch until it has
-(tests/holding.py): the same cut on any machine, however fast it trains.
+(tests/support/holding.py): the same cut on any machine, however fast it trains.
 
   sigkill-resume      SIGKILL mid-epoch, then `train --resume auto`
   sigterm-resume      SIGTERM (graceful stop, exit 143), then `train --resume auto`
@@ -30,10 +30,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from tinytale.mlflow_tracker.local_server import LocalServer
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from holding import hold_env, release, wait_held  # noqa: E402 (the tests' folder, above)
+from support.holding import hold_env, release, wait_held  # noqa: E402 (the tests' folder)
+from support.server import LocalServer  # noqa: E402
 
 EPOCHS = 8
 TRAIN = ["--json", "--set", "model.n_layer=1", "--set", "model.n_head=2",
@@ -59,7 +58,7 @@ class Server(LocalServer):
 def train(out: Path, server: Server, *extra: str,
           hold: tuple[Path, int, int] | None = None) -> subprocess.Popen:
     """`tinytale train`; with `hold` (folder, epoch, micro-batch) it waits there until it is
-    signalled or released (tests/holding.py), so a fault lands at the same step on any
+    signalled or released (tests/support/holding.py), so a fault lands at the same step on any
     machine, however fast it trains."""
     env = {**os.environ, "TINYTALE_TRACKING_FLUSH_S": "1", "TINYTALE_TRACKING_WAIT_S": "60"}
     proc = subprocess.Popen(

@@ -27,7 +27,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
       chromium chromium-driver >/dev/null; } \
-    || echo "could not install chromium: tests/test_ui_browser.py will skip (fail under CI)" >&2
+    || echo "could not install chromium: tests/e2e/test_ui_browser.py will skip (fail under CI)" >&2
 fi
 
 if [ "${TINYTALE_DOCKER:-1}" != "0" ]; then

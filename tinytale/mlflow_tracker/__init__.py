@@ -39,7 +39,6 @@ Modules:
 * `tracker`: MlflowTracker; `system_metrics`: MLflow's monitor, writing to the spool
 * `commands`: `tinytale sync` and `runs`, and the checkpoint `generate` fetches from MLflow;
   `reader`: runs read back for sweeps and compare
-* `local_server`: a real `mlflow server` subprocess for tests, benchmarks and drills
 
 Nothing here changes the environment at import, and no constructor talks to a server: MLflow's
 settings are applied where a client is made or a run starts (`connection.use_mlflow_settings`),

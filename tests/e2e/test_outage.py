@@ -5,7 +5,6 @@ metric exactly once and registers the model once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -14,9 +13,11 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import TINY, free_port
-from holding import hold_env, release, wait_held
 from mlflow import MlflowClient
+from support.configs import TINY
+from support.holding import hold_env, release, wait_held
+from support.server import free_port
+from support.spool import spool_records
 from typer.testing import CliRunner
 
 from tinytale.cli import app
@@ -36,12 +37,6 @@ def assert_once_per_epoch(client: MlflowClient, run_id: str, epochs: int) -> Non
         assert steps == list(range(1, epochs + 1)), (key, steps)
 
 
-def spool_records(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
-            out.append(json.loads(line))
-    return out
 
 
 def sync(*args: str) -> dict:
@@ -146,7 +141,7 @@ def test_server_down_at_start_then_sync(mlflow_server, tmp_path, monkeypatch):
 def test_server_restarted_mid_run(fresh_mlflow_server, tmp_path):
     """Stop the server after epoch 1 reached it, restart it later: nothing lost or doubled.
 
-    The trainer is held at the start of epoch 2 (tests/holding.py) until epoch 1 is on the
+    The trainer is held at the start of epoch 2 (tests/support/holding.py) until epoch 1 is on the
     server and the server has shut down, so the epochs after the outage began exist however
     fast this machine trains: without it a quick run finished most of its epochs during the
     server's own graceful shutdown.

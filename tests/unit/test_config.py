@@ -6,7 +6,7 @@ import pytest
 
 from tinytale.config import Config, ConfigError, load_config
 
-EXPERIMENTS = sorted(p for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml")
+EXPERIMENTS = sorted(p for p in (Path(__file__).parents[2] / "experiments").glob("*.yaml")
                      if not p.name.startswith("sweep"))
 
 
@@ -17,7 +17,7 @@ def test_every_shipped_experiment_loads(path):
 
 
 def test_lesson_yaml_is_the_builtin_default():
-    lesson = load_config(Path(__file__).parents[1] / "experiments" / "lesson.yaml")
+    lesson = load_config(Path(__file__).parents[2] / "experiments" / "lesson.yaml")
     default = Config().validate()
     default.tracking.run_name = "lesson"
     assert lesson == default

@@ -66,6 +66,6 @@ def test_logged_mfu_is_model_flops_over_the_peak(tmp_path):
     tracker = Metrics()
     fit(model, data, cfg.train, tracker, tmp_path, torch.device("cpu"))
     assert len(tracker.logged) == 2
-    for m in tracker.logged:  # one process: world size 1 (tests/test_distributed.py: 2)
+    for m in tracker.logged:  # one process: world size 1 (tests/e2e/test_distributed.py: 2)
         assert m["mfu"] == pytest.approx(model.flops_per_token() * m["tokens_per_sec"] / 0.25e12)
         assert 0 < m["mfu"] < 1

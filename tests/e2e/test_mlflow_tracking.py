@@ -38,7 +38,7 @@ def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
 @pytest.fixture(scope="module")
 def server_run(mlflow_server, tmp_path_factory):
     """One tiny run against the server, with step-level logging on."""
-    from conftest import TINY
+    from support.configs import TINY
 
     name = uuid.uuid4().hex[:8]
     out = tmp_path_factory.mktemp("tracked")

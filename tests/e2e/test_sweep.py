@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
-from holding import hold_env, wait_held
-from test_compare import no_credentials, refusing_server  # noqa: F401 (fixtures used below)
+from support.holding import hold_env, wait_held
+from support.server import free_port
 from typer.testing import CliRunner
 
 from tinytale.checkpoint import peek_checkpoint, save_checkpoint
@@ -34,7 +33,7 @@ from tinytale.sweep import (
 )
 from tinytale.sweep.protocol import error_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
@@ -370,7 +369,7 @@ def test_stopped_sweep_resumes_its_point_into_the_same_run(mlflow_server, tmp_pa
             mlflow_server.url, "--out", str(runs), "--json"]
     env = {**os.environ, "TINYTALE_TRACKING_FLUSH_S": "0.5", "PYTHONPATH": str(REPO)}
     # The point waits in epoch 2 until the signal the sweep passes on has reached it (see
-    # tests/holding.py), so it cannot finish first however fast this machine trains.
+    # tests/support/holding.py), so it cannot finish first however fast this machine trains.
     hold = tmp_path / "hold"
     proc = subprocess.Popen(argv, cwd=tmp_path, env=hold_env(hold, 2, 1, env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -421,7 +420,7 @@ def test_sweep_against_an_unreachable_server_is_one_sentence(tmp_path, base):
     ("127.0.0.1", "requires a login and none was given (HTTP 401)", "MLFLOW_TRACKING_USERNAME"),
     ("localhost", "refuses the Host header", "allowed hosts"),
 ])
-def test_sweep_refused_by_the_server_is_one_sentence(refusing_server, no_credentials,  # noqa: F811
+def test_sweep_refused_by_the_server_is_one_sentence(refusing_server, no_credentials,
                                                      tmp_path, base, host, refusal, fix):
     uri = f"http://{host}:{refusing_server}"
     sweep = write(tmp_path, {"name": "s", "base": "base.yaml", "points": [{"model.dropout": 0.1}]})

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-HOLD_DIR = Path(__file__).resolve().with_name("hold")
+HOLD_DIR = Path(__file__).resolve().parents[1] / "hold"
 
 
 def hold_env(folder: Path, epoch: int, batch: int,

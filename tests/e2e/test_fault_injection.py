@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_injection.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fault_injection.py"
 
 
 @pytest.mark.slow

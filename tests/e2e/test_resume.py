@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from holding import hold_env, wait_held
+from support.holding import hold_env, wait_held
 
 from tinytale.checkpoint import load_checkpoint, save_checkpoint
 
@@ -28,7 +28,7 @@ def tinytale(*args: str) -> list[str]:
 
 def start_held(out: Path, hold: Path, epoch: int, batch: int, *extra: str) -> subprocess.Popen:
     """Training that waits after micro-batch `batch` of `epoch` until it gets a signal (see
-    tests/holding.py): it cannot finish before the signal lands, however fast it trains."""
+    tests/support/holding.py): it cannot finish before the signal lands, however fast it trains."""
     proc = subprocess.Popen(tinytale("train", *ARGS, "--out", str(out), *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=hold_env(hold, epoch, batch))

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SETUP_SCRIPT = REPO / "scripts" / "docker-offline.sh"
 LESSON = REPO / "experiments" / "lesson.yaml"
 IN_CI = os.environ.get("CI", "").lower() == "true"

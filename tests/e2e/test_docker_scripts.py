@@ -13,9 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from support.server import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESOLVER = REPO / "docker" / "git-commit.py"
 SERVER = REPO / "docker" / "mlflow-server.sh"
 

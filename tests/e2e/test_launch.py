@@ -3,7 +3,7 @@ they pick, the errors they give.
 
 No Docker engine is needed: the commands are checked as argument lists, and the runs of
 `launch()` and of launched sweeps use a stand-in `docker` executable on PATH that records its
-arguments (a real engine is exercised by tests/test_docker_e2e.py).
+arguments (a real engine is exercised by tests/e2e/test_docker_e2e.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY
+from support.configs import TINY
 from typer.testing import CliRunner
 
 from tinytale.cli import app
@@ -33,7 +33,7 @@ from tinytale.launch import (
 )
 from tinytale.sweep.containers import ContainerPoints, stack_tracking_uri
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE = [
     "docker",
     "compose",
@@ -211,7 +211,7 @@ def test_a_project_without_compose_file_is_refused(tmp_path: Path) -> None:
 # `tinytale train` with only what a container would have: compose's environment (the
 # tracking URI `http://mlflow:5000` becomes the test's server), the `--env` options, the
 # mounted config at its host path and /app/runs in a folder of the test. The real containers
-# are exercised by tests/test_docker_e2e.py.
+# are exercised by tests/e2e/test_docker_e2e.py.
 FAKE_CONTAINER_DOCKER = r'''#!{python}
 import json, os, sys
 

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
-import signal
 import struct
-import subprocess
-import sys
-import time
-import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from hypothesis import given
 from hypothesis import strategies as st
+from support.server import free_port
 from typer.testing import CliRunner
 
 from tinytale import compare as cmp
@@ -28,7 +20,7 @@ from tinytale.cli import app
 from tinytale.errors import UserError
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def series(*values: float, start: int = 1) -> list[tuple[int, float]]:
@@ -399,51 +391,6 @@ def test_compare_mistakes_exit_2_with_one_line(store, tmp_path, args, message):
 
 
 # --------------------------------------------------------------------------- server trouble
-
-
-@pytest.fixture(scope="module")
-def refusing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A real `mlflow server` with MLflow's basic-auth app that accepts only the Host
-    127.0.0.1:PORT: without credentials it answers 401, reached as localhost:PORT 403.
-    Its port; tests/test_sweep.py uses it too."""
-    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
-    root = tmp_path_factory.mktemp("refusing-mlflow")
-    port = free_port()
-    (root / "auth.ini").write_text(
-        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
-        f"admin_username = admin\nadmin_password = {secrets.token_urlsafe(18)}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "",
-           "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(root / "server.log", "wb") as log:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the basic-auth server did not start in 120 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.3)
-        yield port
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # start_new_session: its own process group
-        server.wait(timeout=30)
-
-
-@pytest.fixture
-def no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def test_compare_against_an_unreachable_server_is_one_sentence(tmp_path):

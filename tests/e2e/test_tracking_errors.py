@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TINY
-from holding import hold_env, release, wait_held
 from mlflow import MlflowClient
-from test_outage import spool_records
-from test_security import Shipped, _has_auth_extra, _spawn, _wait_healthy, needs_auth_extra
+from support.configs import TINY
+from support.holding import hold_env, release, wait_held
+from support.shipped_server import Shipped, _has_auth_extra, _spawn, _wait_healthy, needs_auth_extra
+from support.spool import spool_records
 from typer.testing import CliRunner
 
 from tinytale.cli import app
@@ -34,7 +34,7 @@ from tinytale.mlflow_tracker.connection import AccessRefused, NotSent
 from tinytale.mlflow_tracker.replay import Replayer
 from tinytale.mlflow_tracker.spool import Spool
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = [*TINY, "train.epochs=2", "data.n_stories=24", "train.num_threads=1",
         "tracking.system_metrics=false"]
 
@@ -372,7 +372,7 @@ def test_a_password_changed_mid_run_then_sync(
     after epoch 1 reached the server. Training finishes (exit 0) and says what is pending;
     `tinytale sync RUN_DIR` with the new password sends the rest, each epoch once.
 
-    The trainer is held at the start of epoch 2 (tests/holding.py) while the password
+    The trainer is held at the start of epoch 2 (tests/support/holding.py) while the password
     changes, so that epochs are still to come after it however fast this machine trains
     (as in test_outage.py).
     """

@@ -125,7 +125,7 @@ def test_run_page_model_registry_and_sweep_charts(browser, mlflow_server, tmp_pa
         " train.batch_size: 8, train.warmup_steps: 2, tracking.samples: 0,"
         " tracking.register: false}\n"
         "grid:\n  model.dropout: [0.0, 0.1]\n")
-    shutil.copy(Path(__file__).resolve().parents[1] / "experiments" / "lesson.yaml", tmp_path)
+    shutil.copy(Path(__file__).resolve().parents[2] / "experiments" / "lesson.yaml", tmp_path)
     swept = tinytale("sweep", "sweep.yaml", "--tracking-uri", uri, "--out",
                      str(tmp_path / "runs"), cwd=tmp_path)
     assert swept.returncode == 0, swept.stderr + swept.stdout

@@ -18,13 +18,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import TINY, free_port
 from mlflow import MlflowClient
+from support.configs import TINY
+from support.server import free_port
 from typer.testing import CliRunner
 
 from tinytale.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def train(args: list[str]) -> dict:

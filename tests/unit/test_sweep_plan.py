@@ -1,6 +1,6 @@
 """The sweep planner and the point protocol, without processes or servers: which points are
 skipped, resumed or run afresh, with which command and environment, and how a point's
-outcome is read back. tests/test_sweep.py runs the same rules end to end."""
+outcome is read back. tests/e2e/test_sweep.py runs the same rules end to end."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tinytale.sweep.plan import (
 from tinytale.sweep.protocol import parse_summary, read_outcome, status_of
 from tinytale.sweep.spec import SweepPoint, SweepSpec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 URI = "http://127.0.0.1:5000"
 SPEC = SweepSpec(name="reg", base=Path("base.yaml"), source=Path("sweep.yaml"), text="",
                  common={"train.epochs": 2},

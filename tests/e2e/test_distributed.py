@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from holding import hold_env, wait_held
 from mlflow import MlflowClient
+from support.holding import hold_env, wait_held
+from support.server import free_port
 
 from tinytale.checkpoint import load_checkpoint
 from tinytale.inference import load_model
@@ -162,7 +162,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(tmp_path):
     they stopped at different steps, the one left in a collective would fail, not exit 143."""
     ranks, out, hold = tmp_path / "ranks", tmp_path / "out", tmp_path / "hold"
     # All 216 lesson stories, global batch 4: ~110 steps an epoch. Both ranks wait after the
-    # first micro-batch of epoch 2 until the signal has reached them (tests/holding.py), so
+    # first micro-batch of epoch 2 until the signal has reached them (tests/support/holding.py), so
     # on any machine they stop mid-epoch, at the next multiple of STOP_AGREE_EVERY_STEPS.
     proc = subprocess.Popen(
         torchrun("train", *COMMON, "--set", "train.epochs=3", "--set", "train.batch_size=2",
