@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -170,6 +171,41 @@ def _report_divergence(tracker: Tracker, summary: RunSummary) -> None:
                    "lower train.lr, or clip gradients with train.grad_clip"})
 
 
+@dataclass
+class StartingPoint:
+    """Where a run starts: fresh, or from a checkpoint with the config it was started with."""
+
+    config: Config
+    run_dir: Path
+    state: dict[str, Any] | None = None  # the checkpoint's training state when resuming
+    tokenizer: Tokenizer | None = None
+    ignored: dict[str, str] | None = None  # given values a resumed run does not apply
+
+
+def starting_point(config: Config, out_dir: Path, resume: str | None) -> StartingPoint:
+    """A fresh run folder, or the checkpoint `--resume` names (never a best.pt)."""
+    run_name = run_name_of(config)
+    resume_path = resolve_resume(resume, out_dir, run_name)
+    if resume_path is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        return StartingPoint(config, out_dir / run_name / stamp)
+    state = load_checkpoint(resume_path)
+    if resume_path.name == BEST or "optimizer" not in state:
+        raise CheckpointError(
+            f"--resume '{resume_path}' is a best-validation checkpoint: resuming from it would "
+            "rewind the run to its best epoch and log those epochs twice; resume from "
+            f"'{resume_path.parent / LAST}'."
+        )
+    # The run continues with the config and tokenizer it started with; say which of the
+    # given values (config file, --set) that leaves unused, rather than drop them silently.
+    given = config.flat()
+    kept_config = Config.from_dict(state["config"], f"checkpoint '{resume_path}'")
+    kept = kept_config.flat()
+    ignored = {k: f"{kept.get(k)!r} (not {v!r})" for k, v in given.items() if kept.get(k) != v}
+    return StartingPoint(kept_config, resume_path.parent, state,
+                         tokenizer_from_dict(state["tokenizer"]), ignored)
+
+
 def train_run(
     config: Config,
     out_dir: Path,
@@ -181,31 +217,10 @@ def train_run(
 ) -> RunOutcome:
     """Train one run end to end: data, model, tracked fit, samples and best-model publishing."""
     stop = stop if stop is not None else StopRequest()
-    run_name = run_name_of(config)
-    resume_path = resolve_resume(resume, out_dir, run_name)
-    resume_state = load_checkpoint(resume_path) if resume_path else None
-    if resume_state is not None and (resume_path.name == BEST or "optimizer" not in resume_state):
-        raise CheckpointError(
-            f"--resume '{resume_path}' is a best-validation checkpoint: resuming from it would "
-            "rewind the run to its best epoch and log those epochs twice; resume from "
-            f"'{resume_path.parent / LAST}'."
-        )
-    tokenizer = None
-    ignored: dict[str, str] = {}
-    if resume_state is not None:
-        # The run continues with the config and tokenizer it started with; say which of the
-        # given values (config file, --set) that leaves unused, rather than drop them silently.
-        given = config.flat()
-        config = Config.from_dict(resume_state["config"], f"checkpoint '{resume_path}'")
-        kept = config.flat()
-        ignored = {k: f"{kept.get(k)!r} (not {v!r})" for k, v in given.items()
-                   if kept.get(k) != v}
-        tokenizer = tokenizer_from_dict(resume_state["tokenizer"])
-        run_dir = resume_path.parent
-    else:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        run_dir = out_dir / run_name / stamp
-
+    run_name = run_name_of(config)  # as given: a resumed run keeps its MLflow run either way
+    start = starting_point(config, out_dir, resume)
+    config, run_dir, resume_state = start.config, start.run_dir, start.state
+    tokenizer, ignored = start.tokenizer, start.ignored
     dist = distributed.from_env()
     device = distributed.setup(dist, resolve_device(config.train.device))
     data = prepare_data(config, tokenizer, dist.world_size)
