@@ -1,13 +1,14 @@
 """Test-only: hold a `tinytale train` process at one micro-batch while a test acts on it.
 
 Python imports `sitecustomize` at start-up from the first folder on sys.path that has one;
-tests/support/holding.py puts this folder first on PYTHONPATH together with TINYTALE_TEST_HOLD=EPOCH:BATCH
-and TINYTALE_TEST_HOLD_DIR, so every Python process started with that environment (a sweep's
-points and torchrun's ranks included) is held. After micro-batch BATCH of epoch EPOCH, before
-its optimizer step, the training loop writes `held-<pid>` into the folder and waits (the
-tracker's threads keep sending) until tinytale's own SIGTERM/SIGINT handler asks it to stop,
-or a file `release` appears there. A signal or an outage then lands at the same step on any
-machine, however fast it trains. Without the variable this file does nothing.
+tests/support/holding.py puts this folder first on PYTHONPATH together with
+TINYTALE_TEST_HOLD=EPOCH:BATCH and TINYTALE_TEST_HOLD_DIR, so every Python process started with
+that environment (a sweep's points and torchrun's ranks included) is held. After micro-batch
+BATCH of epoch EPOCH, before its optimizer step, the training loop writes `held-<pid>` into the
+folder and waits (the tracker's threads keep sending) until tinytale's own SIGTERM/SIGINT
+handler asks it to stop, or a file `release` appears there. A signal or an outage then lands at
+the same step on any machine, however fast it trains. Without the variable this file does
+nothing.
 """
 
 from __future__ import annotations
