@@ -161,3 +161,20 @@ def test_a_warning_event_is_one_line_for_a_person():
     ConsoleTracker(out, progress=False).on_event("diverged", {"final_val_loss": 14.5,
                                                               "message": "the run diverged"})
     assert out.getvalue() == "warning: the run diverged\n"
+
+
+@pytest.mark.parametrize(("host", "refusal"), [
+    ("127.0.0.1", "requires a login and none was given (HTTP 401)"),
+    ("localhost", "refuses the Host header"),
+])
+@pytest.mark.parametrize("args", [["runs"], ["generate", "models:/tinytale@champion"],
+                                  ["generate", "0123456789abcdef0123456789abcdef"]],
+                         ids=lambda a: " ".join(a[:2]))
+def test_read_commands_refused_by_the_server_are_one_sentence(refusing_server, no_credentials,
+                                                              fresh_folder, host, refusal, args):
+    """A 401/403 is the server refusing us, not a missing run or model, and no traceback."""
+    uri = f"http://{host}:{refusing_server}"
+    result = runner.invoke(app, [*args, "--tracking-uri", uri])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: MLflow at {uri} {refusal}"), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output

@@ -15,6 +15,7 @@ from tinytale.errors import UserError
 from tinytale.mlflow_tracker.connection import (
     AccessRefused,
     NotSent,
+    explain,
     make_client,
     require_reachable,
 )
@@ -88,13 +89,18 @@ def list_runs(experiment: str, tracking_uri: str | None = None,
     require_store(uri, f"the runs of experiment '{experiment}'")
     require_reachable(uri)
     client = make_client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise UserError(f"MLflow experiment '{experiment}' does not exist at {uri}; pass "
-                        f"--experiment with the name you trained with{missing_hint(uri, False)}.")
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise UserError(f"MLflow experiment '{experiment}' does not exist at {uri}; pass "
+                            f"--experiment with the name you trained with"
+                            f"{missing_hint(uri, False)}.")
+        runs = client.search_runs([exp.experiment_id], max_results=max_results,
+                                  order_by=["attributes.start_time DESC"])
+    except MlflowException as exc:  # a server that refuses us (401/403): one sentence
+        raise UserError(explain(exc, uri) or str(exc).splitlines()[0]) from None
     rows = []
-    for run in client.search_runs([exp.experiment_id], max_results=max_results,
-                                  order_by=["attributes.start_time DESC"]):
+    for run in runs:
         m, t = run.data.metrics, run.data.tags
         epochs = t.get("tinytale.epochs") or m.get("epochs")
         # Tags since the summary left the charts; metrics in runs logged before that.
@@ -151,7 +157,9 @@ def _model_location_of(client: MlflowClient, source: str, uri: str) -> str:
             else:
                 raise UserError(f"'{source}' names no version or alias; write "
                                 "models:/NAME@ALIAS or models:/NAME/VERSION.")
-        except MlflowException:
+        except MlflowException as exc:
+            if (problem := explain(exc, uri)) is not None:  # refused or unreachable
+                raise UserError(problem) from None
             raise UserError(f"model '{source}' does not exist in the registry; check the name, "
                             "alias or version (`tinytale runs` lists registered versions)"
                             f"{missing_hint(uri)}.") from None
@@ -163,7 +171,9 @@ def _model_location_of(client: MlflowClient, source: str, uri: str) -> str:
         return mv.source
     try:
         run = client.get_run(source)
-    except MlflowException:
+    except MlflowException as exc:
+        if (problem := explain(exc, uri)) is not None:
+            raise UserError(problem) from None
         raise UserError(f"'{source}' is not a checkpoint file, a models:/ URI or a known MLflow "
                         f"run id; check it, or pass --tracking-uri for another store"
                         f"{missing_hint(uri)}.") from None
