@@ -34,8 +34,8 @@ from support.shipped_server import (
     _has_auth_extra,
     _script_env,
     _spawn,
-    _wait_healthy,
     needs_auth_extra,
+    started_together,
 )
 
 from tinytale.checkpoint import CheckpointError, load_checkpoint
@@ -43,18 +43,12 @@ from tinytale.checkpoint import CheckpointError, load_checkpoint
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Shipped]]:
-    started: dict[str, Shipped] = {}
-    try:
-        started["plain"] = _spawn(tmp_path_factory.mktemp("shipped-plain"))
-        if _has_auth_extra():
-            started["auth"] = _spawn(
-                tmp_path_factory.mktemp("shipped-auth"), password=secrets.token_urlsafe(18)
-            )
-        _wait_healthy(list(started.values()))
+    spawns = {"plain": lambda: _spawn(tmp_path_factory.mktemp("shipped-plain"))}
+    if _has_auth_extra():
+        spawns["auth"] = lambda: _spawn(tmp_path_factory.mktemp("shipped-auth"),
+                                        password=secrets.token_urlsafe(18))
+    with started_together(spawns) as started:
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,13 @@ import pytest
 from mlflow import MlflowClient
 from support.configs import TINY
 from support.holding import hold_env, release, wait_held
-from support.shipped_server import Shipped, _has_auth_extra, _spawn, _wait_healthy, needs_auth_extra
+from support.shipped_server import (
+    Shipped,
+    _has_auth_extra,
+    _spawn,
+    needs_auth_extra,
+    started_together,
+)
 from support.spool import spool_records
 from typer.testing import CliRunner
 
@@ -129,18 +135,13 @@ def test_the_file_store_mlflow_refuses_is_one_sentence(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Shipped]]:
     """docker/mlflow-server.sh twice, in parallel: basic auth on; Host `localhost` only."""
-    started: dict[str, Shipped] = {}
-    try:
-        started["strict"] = _spawn(tmp_path_factory.mktemp("strict-host"),
-                                   MLFLOW_SERVER_ALLOWED_HOSTS="localhost:{port}")
-        if _has_auth_extra():
-            started["auth"] = _spawn(tmp_path_factory.mktemp("auth"),
-                                     password=secrets.token_urlsafe(18))
-        _wait_healthy(list(started.values()))
+    spawns = {"strict": lambda: _spawn(tmp_path_factory.mktemp("strict-host"),
+                                       MLFLOW_SERVER_ALLOWED_HOSTS="localhost:{port}")}
+    if _has_auth_extra():
+        spawns["auth"] = lambda: _spawn(tmp_path_factory.mktemp("auth"),
+                                        password=secrets.token_urlsafe(18))
+    with started_together(spawns) as started:
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ free loopback port: what the security and tracking-error tests run against."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from base64 import b64encode
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,3 +164,16 @@ def _wait_healthy(servers: list[Shipped]) -> None:
         pytest.fail(f"no /health within {START_TIMEOUT_S} s:\n{pending[0].log()}")
 
 
+@contextlib.contextmanager
+def started_together(spawns: dict[str, Callable[[], Shipped]]) -> Iterator[dict[str, Shipped]]:
+    """Start each server, wait until all answer (they boot in parallel), stop them all after,
+    also when one fails to start."""
+    started: dict[str, Shipped] = {}
+    try:
+        for name, spawn in spawns.items():
+            started[name] = spawn()
+        _wait_healthy(list(started.values()))
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()

@@ -19,6 +19,7 @@ from tinytale.mlflow_tracker.connection import (
     make_client,
     require_reachable,
 )
+from tinytale.mlflow_tracker.reader import summary_number
 from tinytale.mlflow_tracker.replay import Replayer
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool, _public
 from tinytale.mlflow_tracker.uris import (
@@ -102,18 +103,15 @@ def list_runs(experiment: str, tracking_uri: str | None = None,
     rows = []
     for run in runs:
         m, t = run.data.metrics, run.data.tags
-        epochs = t.get("tinytale.epochs") or m.get("epochs")
-        # Tags since the summary left the charts; metrics in runs logged before that.
-        best_val = t.get("tinytale.best_val_loss") or m.get("best_val_loss")
-        best_epoch = t.get("tinytale.best_epoch") or m.get("best_epoch")
+        epochs, best_epoch = (summary_number(t, m, k) for k in ("epochs", "best_epoch"))
         rows.append({
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
             "status": run.info.status,
             "start_time": run.info.start_time,
-            "epochs": int(float(epochs)) if epochs is not None else None,
-            "best_val_loss": float(best_val) if best_val is not None else None,
-            "best_epoch": int(float(best_epoch)) if best_epoch is not None else None,
+            "epochs": int(epochs) if epochs is not None else None,
+            "best_val_loss": summary_number(t, m, "best_val_loss"),
+            "best_epoch": int(best_epoch) if best_epoch is not None else None,
             "registered_model": t.get("tinytale.registered_model"),
             "registered_version": t.get("tinytale.registered_version"),
         })

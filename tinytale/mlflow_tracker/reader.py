@@ -39,6 +39,21 @@ _BULK_MAX_RUNS = 100  # the server's limit per get-history-bulk-interval request
 _BULK_MAX_STEPS = 2500  # the server's limit of values per run and request
 
 
+def summary_tag(key: str) -> str:
+    """The tag that holds a run's summary number `key` (best_val_loss, best_epoch, epochs)."""
+    return f"tinytale.{key}"
+
+
+def summary_number(tags: dict[str, str], metrics: dict[str, float], key: str
+                   ) -> float | None:
+    """A run's summary number: its tag, or the metric that runs logged before the summary left
+    the charts."""
+    value = tags.get(summary_tag(key))
+    if value is None:
+        value = metrics.get(key)
+    return None if value is None else float(value)
+
+
 def tracking_uri_or_default(uri: str | None) -> str:
     """The URI given, else MLFLOW_TRACKING_URI, else ./mlflow.db, exactly as `train` does."""
     return resolve_tracking_uri(uri)

@@ -24,6 +24,7 @@ from tinytale.mlflow_tracker.connection import (
     check_access,
     use_mlflow_settings,
 )
+from tinytale.mlflow_tracker.reader import summary_tag
 from tinytale.mlflow_tracker.replay import Replayer
 from tinytale.mlflow_tracker.spool import SPOOL_NAME, Spool
 from tinytale.mlflow_tracker.system_metrics import _system_monitor
@@ -309,10 +310,10 @@ class MlflowTracker(Tracker):
         # The run's summary numbers are tags, not metrics: as metrics the UI drew each as a
         # one-point chart, listed before the per-epoch curves a user opens the run for.
         best, best_epoch = self._best
-        summary = {"tinytale.epochs": str(self._last_epoch)}
+        summary = {summary_tag("epochs"): str(self._last_epoch)}
         if math.isfinite(best):
-            summary.update({"tinytale.best_val_loss": repr(best),
-                            "tinytale.best_epoch": str(best_epoch)})
+            summary.update({summary_tag("best_val_loss"): repr(best),
+                            summary_tag("best_epoch"): str(best_epoch)})
         self.spool.append({"op": "tags", "tags": summary})
         self.spool.append({"op": "end", "status": status, "ts": _now_ms()})
         self._stop.set()

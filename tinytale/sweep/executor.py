@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tinytale.compare import RunCurves
 from tinytale.signals import on_stop_signals
 from tinytale.sweep import protocol
 from tinytale.sweep.plan import PlannedPoint
@@ -119,15 +118,12 @@ def _run_point(point: PlannedPoint, books: Books, procs: _Processes, echo: Echo
 
 
 def _skipped(point: PlannedPoint) -> PointResult:
+    from tinytale.mlflow_tracker.reader import summary_number
+
     assert point.finished is not None
     return PointResult(point.index + 1, point.run_name, point.overrides, "SKIPPED",
-                       point.finished.run_id, best_val_loss=_best_val_loss(point.finished))
-
-
-def _best_val_loss(run: RunCurves) -> float | None:
-    """A finished run's best validation loss: its summary tag (older runs: the metric)."""
-    value = run.tags.get("tinytale.best_val_loss") or run.latest.get("best_val_loss")
-    return None if value is None else float(value)
+                       point.finished.run_id, best_val_loss=summary_number(
+                           point.finished.tags, point.finished.latest, "best_val_loss"))
 
 
 def _record_invalid(point: PlannedPoint, books: Books, label: str, echo: Echo) -> PointResult:
