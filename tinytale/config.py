@@ -118,6 +118,11 @@ class TrainConfig:
         "torch.compile mode; reduce-overhead captures CUDA graphs (tiny models on a GPU)",
         default="default",
     )
+    precision: Literal["auto", "fp32", "bf16"] = _doc(
+        "bf16 autocast or fp32: auto = bf16 on CUDA, and on CPUs with native bf16 matrix "
+        "units (AMX, AVX-512 BF16) for models 256 or more wide; fp32 elsewhere",
+        default="auto",
+    )
     patience: int = _doc(
         "stop after this many epochs without a better validation loss (0 = never)", default=0
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -62,7 +63,55 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
     return peak_flops_of(torch.cuda.get_device_name(device))
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+# Narrower models lose on a CPU with bf16 autocast: the casts cost more than the matrix units
+# save. Measured on an AMX Xeon (bench/run.py precision): 384 wide x1.7, 128 wide x0.8.
+BF16_MIN_WIDTH_CPU = 256
+
+# /proc/cpuinfo flags of CPUs that multiply bf16 matrices in hardware (Intel AMX, AVX-512 BF16).
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_native_bf16(cpuinfo: str | None = None) -> str | None:
+    """The CPU's bf16 matrix unit ('amx_bf16', 'avx512_bf16'), or None where it has none.
+
+    Read from the kernel's CPU flags: torch's own capability string says "AVX512" on an
+    AMX machine, and emulated bf16 (AVX2, most laptops) is slower than fp32. None off Linux.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
+
+
+def choose_precision(setting: str, device_type: str, n_embd: int,
+                     native_bf16: bool | None = None) -> str:
+    """'bf16' (autocast) or 'fp32' for train.precision=`setting` on this device and model width.
+
+    auto: bf16 on CUDA where the GPU has bf16, on a CPU only with native bf16 matrix units
+    and a model at least BF16_MIN_WIDTH_CPU wide; fp32 elsewhere (MPS included).
+    """
+    if setting in ("fp32", "bf16"):
+        return setting
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device_type != "cpu":
+        return "fp32"
+    if native_bf16 is None:
+        native_bf16 = cpu_native_bf16() is not None
+    return "bf16" if native_bf16 and n_embd >= BF16_MIN_WIDTH_CPU else "fp32"
+
+
+def autocast_for(device: torch.device, precision: str = "fp32"
+                 ) -> contextlib.AbstractContextManager:
+    """bf16 autocast for `precision` 'bf16' (matrix products in bf16, reductions and the
+    loss in fp32; the weights and AdamW stay fp32); nothing for 'fp32'."""
+    if precision == "bf16" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

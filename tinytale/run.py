@@ -31,7 +31,7 @@ from tinytale.checkpoint import (
 from tinytale.config import Config
 from tinytale.corpus import corpus_files, load_corpus, stream_stories
 from tinytale.data import DataBundle, build_data, windows_from_tokens
-from tinytale.device import resolve_device
+from tinytale.device import choose_precision, resolve_device
 from tinytale.errors import UserError
 from tinytale.inference import build_model, sample_texts
 from tinytale.tokencache import build_token_files, cached_tokenizer, content_hash
@@ -120,6 +120,9 @@ def run_tags(config: Config, device: torch.device, extra: dict[str, str] | None 
         "corpus": config.data.corpus,
         "tokenizer": config.data.tokenizer,
         "device": str(device),
+        # What train.precision resolved to here (auto picks by device and model width).
+        "precision": choose_precision(config.train.precision, device.type,
+                                      config.model.n_embd),
     }
     commit = git_commit()
     if commit:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tinytale.checkpoint import CheckpointWriter, restore_rng
 from tinytale.config import TrainConfig
 from tinytale.data import DataBundle, eval_loader, optimizer_steps_per_epoch, train_loader
-from tinytale.device import autocast_for, peak_flops
+from tinytale.device import autocast_for, choose_precision, peak_flops
 from tinytale.distributed import Dist
 from tinytale.loop.epoch import EpochAccumulator
 from tinytale.loop.guard import NonFiniteGuard, make_guard
@@ -106,7 +106,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: DataBundle, batch_size: int,
-             device: torch.device) -> float:
+             device: torch.device, precision: str = "fp32") -> float:
     """Mean next-token cross-entropy over every validation window."""
     was_training = model.training
     model.eval()
@@ -114,7 +114,7 @@ def evaluate(model: torch.nn.Module, data: DataBundle, batch_size: int,
     count = 0
     for x, y in eval_loader(data.val, batch_size):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast_for(device):
+        with autocast_for(device, precision):
             _, loss = model(x, y)
         total += loss.double() * y.numel()
         count += y.numel()
@@ -159,14 +159,15 @@ def fit(
     choices = device_choices(device)
     guard = make_guard(choices.guard_on_device, optimizer, cfg, tracker)
     params = [p for p in model.parameters() if p.requires_grad]
+    precision = choose_precision(cfg.precision, device.type, model.cfg.n_embd)
     train_step = TrainStep(wrap_for_steps(model, cfg, device, d), params, optimizer, guard,
-                           cfg, tracker, device, d.enabled, steps_per_epoch)
+                           cfg, tracker, device, d.enabled, steps_per_epoch, precision)
     policy = CheckpointPolicy(cfg, run_dir, model, optimizer, checkpoint_fields or (lambda: {}),
                               CheckpointWriter(background=choices.background_checkpoints),
                               resumed=resume is not None, stop=stop, tracker=tracker, dist=d,
                               device=device)
     loop = Loop(model, data, cfg, device, d, tracker, train_step, guard, policy,
-                log_every_steps, peak_flops(device, cfg.peak_tflops))
+                log_every_steps, peak_flops(device, cfg.peak_tflops), precision)
     model.train()
     try:
         while state.epoch <= cfg.epochs:
@@ -220,6 +221,7 @@ class Loop:
     policy: CheckpointPolicy
     log_every_steps: int
     peak_flops: float | None
+    precision: str  # 'bf16' (autocast) or 'fp32', as choose_precision resolved train.precision
 
 
 def train_epoch(loop: Loop, state: TrainState) -> Ending | None:
@@ -286,7 +288,7 @@ def epoch_metrics(loop: Loop, state: TrainState, sums: EpochAccumulator) -> dict
     train_loss = sums.train_loss(d, cfg.grad_accum_steps)
     train_elapsed = sums.elapsed_s()
     val_loss = evaluate(loop.model, loop.data, cfg.eval_batch_size or 4 * cfg.batch_size,
-                        loop.device)
+                        loop.device, loop.precision)
     epoch_time = sums.elapsed_s()
     tokens = loop.train_step.micro_per_epoch * cfg.batch_size * loop.data.train.block_size * \
         d.world_size

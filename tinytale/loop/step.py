@@ -40,12 +40,14 @@ class TrainStep:
 
     def __init__(self, step_model: torch.nn.Module, params: list[torch.nn.Parameter],
                  optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, cfg: TrainConfig,
-                 tracker: Tracker, device: torch.device, ddp: bool, steps_per_epoch: int):
+                 tracker: Tracker, device: torch.device, ddp: bool, steps_per_epoch: int,
+                 precision: str = "fp32"):
         self.step_model, self.params, self.optimizer = step_model, params, optimizer
         self.guard, self.cfg, self.tracker, self.device, self.ddp = guard, cfg, tracker, device, ddp
         self.micro_per_epoch = steps_per_epoch * cfg.grad_accum_steps
         self.total_steps = steps_per_epoch * cfg.epochs
         self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        self.precision = precision  # 'bf16': forward and loss under autocast
 
     def lr(self, step: int) -> float:
         cfg = self.cfg
@@ -78,7 +80,7 @@ class TrainStep:
             sync = contextlib.nullcontext() if last_micro or not self.ddp else \
                 self.step_model.no_sync()
             with sync:
-                with autocast_for(self.device):
+                with autocast_for(self.device, self.precision):
                     _, loss = self.step_model(x, y)
                 (loss / accum).backward()
             step_loss += loss.detach()
