@@ -99,9 +99,10 @@ def build_tracker(config: Any, tracking_uri: str | None, no_tracking: bool,
 
     trackers = [NullTracker() if quiet else ConsoleTracker()]
     if not no_tracking:
-        from tinytale.mlflow_tracker import MlflowTracker
+        # Embedded store: MLflow starts in a helper process while this one trains.
+        from tinytale.mlflow_tracker.process import mlflow_tracker_for
 
-        trackers.append(MlflowTracker(config, tracking_uri))
+        trackers.append(mlflow_tracker_for(config, tracking_uri))
     return FanoutTracker(trackers)
 
 
@@ -128,10 +129,7 @@ def train(
         "Print one JSON summary object as the last line of stdout.")] = False,
 ) -> None:
     """Train a GPT on fairy tales: per-epoch table on stderr, best checkpoint kept, registered."""
-    from tinytale import distributed
     from tinytale.config import load_config
-    from tinytale.run import train_run
-    from tinytale.train import StopRequest
 
     overrides = list(set_ or [])
     if device:
@@ -140,13 +138,18 @@ def train(
         overrides.append(f"tracking.experiment={experiment}")
     if run_name:
         overrides.append(f"tracking.run_name={run_name}")
-    stop = StopRequest()
     with user_errors():
         cfg = load_config(config, overrides)
         check_out_dir(out)
-        # Under torchrun only rank 0 talks to the console and to MLflow.
-        rank = distributed.from_env().rank
+        # Under torchrun only rank 0 talks to the console and to MLflow. RANK read here, as
+        # distributed.from_env does: the tracker starts before torch is imported.
+        rank = int(os.environ.get("RANK", "0"))
         tracker = build_tracker(cfg, tracking_uri, no_tracking or rank != 0, quiet=rank != 0)
+        # torch only now: a mistake in the input above is reported without loading it.
+        from tinytale.run import train_run
+        from tinytale.train import StopRequest
+
+        stop = StopRequest()
         with graceful_stop(stop):
             outcome = train_run(cfg, out, tracker, resume=resume, stop=stop,
                                 parent_run_id=os.environ.get("TINYTALE_PARENT_RUN_ID"),

@@ -261,7 +261,9 @@ def train_run(
         if summary.diverged:
             _report_divergence(tracker, summary)
         if result.status == "FINISHED" and result.best_checkpoint is not None and dist.is_main:
-            samples = sample_texts(result.best_checkpoint, config.tracking.samples)
+            # Generated only for a tracker that keeps them: with --no-tracking nothing would.
+            samples = sample_texts(result.best_checkpoint, config.tracking.samples) \
+                if tracker.keeps_records else []
             if samples:
                 tracker.log_text("samples.txt", "\n\n---\n\n".join(samples))
             summary.registration = tracker.publish_model(result.best_checkpoint, summary)

@@ -147,6 +147,9 @@ class Tracker:
     """
 
     run_id: str | None = None
+    # Whether what it is given (log_text, artifacts) is kept anywhere: work whose only reader
+    # would be this tracker (generating samples) is skipped when not.
+    keeps_records: bool = False
 
     def check(self, info: RunInfo) -> None:
         """Before anything of the run is printed or written: raise UserError when the backend
@@ -198,6 +201,10 @@ class FanoutTracker(Tracker):
     def run_id(self) -> str | None:  # type: ignore[override]
         # Read live: a tracker that started offline learns its run id later.
         return next((t.run_id for t in self.trackers if t.run_id), None)
+
+    @property
+    def keeps_records(self) -> bool:  # type: ignore[override]
+        return any(t.keeps_records for t in self.trackers)
 
     def check(self, info: RunInfo) -> None:
         for t in self.trackers:

@@ -47,15 +47,19 @@ and MlflowTracker first asks the server in `check`/`start`, before anything is w
 
 from __future__ import annotations
 
-from tinytale.mlflow_tracker.commands import (
-    download_checkpoint,
-    find_spool,
-    list_runs,
-    sync_spool,
-)
-from tinytale.mlflow_tracker.spool import SPOOL_NAME
-from tinytale.mlflow_tracker.tracker import MlflowTracker
+import importlib
+from typing import Any
 
-# What callers outside the package use; the rest is imported from its module.
-__all__ = ["SPOOL_NAME", "MlflowTracker", "download_checkpoint", "find_spool", "list_runs",
-           "sync_spool"]
+# What callers outside the package use, by module; the rest is imported from its module.
+# Loaded on first use (PEP 562), so that `tinytale.mlflow_tracker.uris` and `.process` can be
+# imported without mlflow: the training process of an embedded store never imports it.
+_EXPORTS = {"SPOOL_NAME": "spool", "MlflowTracker": "tracker",
+            "download_checkpoint": "commands", "find_spool": "commands",
+            "list_runs": "commands", "sync_spool": "commands"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

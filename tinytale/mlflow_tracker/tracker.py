@@ -48,6 +48,8 @@ def finish_wait_s() -> float:
 class MlflowTracker(Tracker):
     """Tracker that spools locally and replays to MLflow on a background thread."""
 
+    keeps_records = True
+
     def __init__(self, config: Any, tracking_uri: str | None = None):
         """Checks the URI (no network: the server is first asked in `check` or `start`).
 

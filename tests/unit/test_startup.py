@@ -1,0 +1,82 @@
+"""Start-up: help and mistakes in the input are answered without loading torch or mlflow, and
+a run into the embedded store never imports mlflow in the training process.
+
+Each case runs the CLI in a fresh interpreter and reads its `sys.modules` at exit; how fast
+that is is measured in bench/run.py (lesson), never here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support.configs import REPO, TINY
+
+PROBE = """
+import json, sys
+from tinytale.cli import app
+try:
+    app(sys.argv[1:], prog_name="tinytale")
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "mlflow") if m in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+def run_cli(args: list[str], cwd) -> tuple[dict, str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    probe = json.loads(proc.stderr.strip().splitlines()[-1])
+    return probe, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"],
+    ["train", "--help"],
+    ["generate", "--help"],
+], ids=["help", "train-help", "generate-help"])
+def test_help_loads_neither_torch_nor_mlflow(tmp_path, args):
+    probe, stdout, _ = run_cli(args, tmp_path)
+    assert probe == {"code": 0, "heavy": []}
+    assert "Usage" in stdout
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["train", "--set", "train.lr=fast"], "train.lr='fast' is not a number"),
+    (["train", "--set", "train.precision=fp16"], "train.precision='fp16' is not one of"),
+    (["train", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["train", "--out", "a-file"], "--out 'a-file'"),
+    (["train", "--tracking-uri", "nosuch://x"], "nosuch://x"),
+], ids=["bad-value", "bad-precision", "missing-file", "out-is-a-file", "bad-tracking-uri"])
+def test_input_mistakes_exit_2_before_loading_torch_or_mlflow(tmp_path, args, says):
+    (tmp_path / "a-file").write_text("not a folder")
+    probe, _, stderr = run_cli(args, tmp_path)
+    assert probe == {"code": 2, "heavy": []}, stderr
+    assert says in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written
+
+
+def test_a_tracked_run_into_the_embedded_store_leaves_mlflow_to_a_helper(tmp_path):
+    """The training process trains, registers and ends the run without importing mlflow."""
+    probe, stdout, stderr = run_cli(["train", *sum((["--set", s] for s in TINY), []),
+                                     "--json", "--out", "runs"], tmp_path)
+    assert probe == {"code": 0, "heavy": ["torch"]}, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["status"] == "FINISHED" and summary["run_id"]
+    assert summary["registered_version"] == "1"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == summary["epochs"] == 3
+    assert run.data.tags["precision"] == "fp32"
