@@ -14,6 +14,12 @@ this one invocation, because shared machines are noisy. Sections (default: all b
   docker       `docker compose up` from images built to registered model (needs an engine)
   gpu          GPT-2-small-sized model (experiments/gpt2_small.yaml) on one CUDA device:
                tokens/s and MFU, torch.compile vs eager (needs a GPU)
+  precision    bf16 autocast and torch.compile vs the plain eager fp32 loop, 128 and 384
+               wide, compile time apart; fp32 vs bf16 loss curves (bench/precision.py)
+  startup      whole `tinytale train` process for the lesson, tracked into a fresh embedded
+               store (first run) and into the same store again (later runs), and untracked
+  time-to-quality  baby GPT, tinytale vs the plain eager loop: validation loss against wall
+               time (bench/time_to_quality.py; plot in docs/images/time-to-quality.png)
 
     python bench/run.py                      # all but docker, a few minutes
     python bench/run.py lesson cpu-speed     # some sections
@@ -175,6 +181,33 @@ def gpu_bench(repeats: int) -> dict:
     return out
 
 
+def startup_bench(repeats: int) -> dict:
+    """The lesson as a user types it: `tinytale train`, whole process, medians of rounds.
+
+    Each round trains into a new folder (a first run: the embedded store is created), then
+    again into it (a later run), then untracked; the three alternate so drift hits each.
+    """
+    times: dict[str, list[float]] = {"first_run": [], "later_run": [], "no_tracking": []}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            folder = Path(tmp) / f"round{i}"
+            folder.mkdir()
+            order = ["first_run", "later_run", "no_tracking"]
+            if i % 2:  # later_run needs the store first_run made: only no_tracking moves
+                order = ["no_tracking", "first_run", "later_run"]
+            for name in order:
+                extra = ["--no-tracking"] if name == "no_tracking" else []
+                proc, wall, _ = run_child([PY, "-m", "tinytale", "train", "--json", *extra,
+                                           "--out", "runs"], cwd=folder, env=env)
+                if proc.returncode != 0:
+                    raise RuntimeError(proc.stderr[-2000:])
+                times[name].append(wall)
+    return {"section": "startup", "repeats": repeats,
+            **{f"{k}_s": round(statistics.median(v), 2) for k, v in times.items()},
+            **{f"{k}_all_s": [round(t, 2) for t in v] for k, v in times.items()}}
+
+
 def previous_results(path: Path) -> list[dict]:
     """The figures already in the results file (each with its date), or none."""
     try:
@@ -193,7 +226,7 @@ def previous_results(path: Path) -> list[dict]:
 
 def main() -> None:
     sections = ["lesson", "baby-gpt", "cpu-speed", "tracking", "compare", "data-scale", "docker",
-                "gpu"]
+                "gpu", "precision", "startup", "time-to-quality"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("only", nargs="*", metavar="SECTION",
                         help=f"some of: {', '.join(sections)} (default: all but docker and gpu)")
@@ -253,6 +286,13 @@ def run_section(section: str, args: argparse.Namespace) -> dict:
         return script_bench("data-scale", "data_scale.py", ["--sizes-mb", *sizes])
     if section == "gpu":
         return gpu_bench(args.repeats)
+    if section == "precision":
+        return script_bench("precision", "precision.py", ["--repeats", str(args.repeats)])
+    if section == "startup":
+        return startup_bench(max(args.repeats, 5))
+    if section == "time-to-quality":
+        return script_bench("time-to-quality", "time_to_quality.py",
+                            ["--plot", str(REPO / "docs/images/time-to-quality.png")])
     return docker_bench(args.repeats)
 
 
