@@ -141,7 +141,9 @@ class TrainConfig:
     max_skipped_steps: int = _doc(
         "with nonfinite=skip, fail after this many skipped steps", default=10
     )
-    num_threads: int = _doc("CPU threads for torch (0 = torch's default)", default=0)
+    num_threads: int = _doc(
+        "CPU threads for torch (0 = auto: one for models under 128 wide, else torch's default)",
+        default=0)
     peak_tflops: float | None = _doc(
         "device peak TFLOP/s for MFU (null: looked up for known GPUs; no MFU on CPU)",
         default=None,

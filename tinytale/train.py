@@ -40,6 +40,11 @@ __all__ = ["STOP_AGREE_EVERY_STEPS", "DeviceChoices", "FitResult", "StopRequest"
            "device_choices", "diverged", "evaluate", "fit", "make_optimizer", "seed_everything"]
 
 
+# Below this width a CPU matrix product is too small to split across threads, and with two
+# threads on a busy machine torch's barrier made the lesson 11 s -> 95 s (measured): one thread.
+ONE_THREAD_BELOW_WIDTH = 128
+
+
 @dataclass
 class FitResult:
     status: str  # FINISHED | KILLED | FAILED
@@ -150,6 +155,8 @@ def fit(
                                                 d.world_size)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    elif device.type == "cpu" and model.cfg.n_embd < ONE_THREAD_BELOW_WIDTH:
+        torch.set_num_threads(1)
     if resume is None:
         seed_everything(cfg.seed)
     model.to(device)
