@@ -37,6 +37,8 @@ Modules:
 * `pyfunc`: the best checkpoint logged and registered, the champion; `served`: the served
   model's code (models-from-code)
 * `tracker`: MlflowTracker; `system_metrics`: MLflow's monitor, writing to the spool
+* `process`: the MlflowTracker in a helper process, for the embedded store (the training
+  process never imports mlflow; `mlflow_tracker_for` picks)
 * `commands`: `tinytale sync` and `runs`, and the checkpoint `generate` fetches from MLflow;
   `reader`: runs read back for sweeps and compare
 

@@ -43,7 +43,7 @@ def mlflow_tracker_for(config: Any, tracking_uri: str | None) -> Tracker:
     """The MLflow tracker for `tracking_uri`: in a helper process for the embedded store, else
     in this process. Raises UserError for a URI MLflow cannot use (before any import)."""
     uri = resolve_tracking_uri(tracking_uri, write=True)
-    if is_embedded(uri):
+    if is_embedded(uri) and os.name == "posix":  # the channel passes pipe ends (pass_fds)
         return TrackerProcess(config, uri)
     from tinytale.mlflow_tracker.tracker import MlflowTracker
 
@@ -218,6 +218,8 @@ def serve(from_training: Connection, to_training: Connection) -> None:
             if failed and name == "finish":
                 value = Closed(tracking_uri=uri)
             to_training.send(("error", error) if error else ("reply", value))
+        elif error is not None:  # nobody waits for this call's result: say it here
+            print(f"warning: {error}", file=sys.stderr, flush=True)
         if tracker.run_id != reported_id:
             reported_id = tracker.run_id
             to_training.send(("run_id", reported_id))
