@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -79,3 +80,26 @@ def test_a_tracked_run_into_the_embedded_store_leaves_mlflow_to_a_helper(tmp_pat
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == summary["epochs"] == 3
     assert run.data.tags["precision"] == "fp32"
+
+
+def test_ctrl_c_at_the_terminal_still_ends_the_run_through_the_helper(tmp_path):
+    """SIGINT to the whole foreground process group, as a terminal sends it: the training
+    checkpoints and stops, and the helper (in its own session) still closes the run KILLED."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    overrides = sum((["--set", s] for s in [*TINY, "train.epochs=500"]), [])
+    proc = subprocess.Popen([sys.executable, "-m", "tinytale", "train", *overrides, "--json",
+                             "--out", "runs"], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the first epoch row: training is under way
+        if line.split()[:1] == ["1"]:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    from mlflow import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"])
+    assert run.info.status == "KILLED"
