@@ -195,6 +195,7 @@ def plot(runs: dict[str, dict], path: Path, target: float) -> None:
         ax.plot([r["wall_s"] for r in run["rows"]], [r["val_loss"] for r in run["rows"]],
                 marker="o", label=f"{name} ({run['steps']} steps)")
     ax.axhline(target, color="grey", linestyle=":", label="the loop's final validation loss")
+    ax.set_yscale("log")  # the end of the curves, where they are compared, stays readable
     ax.set_xlabel("wall time since the process started (s)")
     ax.set_ylabel("validation loss (nats per character)")
     ax.set_title("baby GPT on the fairy corpus: time to quality")
