@@ -11,8 +11,10 @@ held-out stories (tinytale's story split, every non-overlapping window).
   tinytale    `tinytale train experiments/fairy_char.yaml` as shipped, tracking on into a
               fresh embedded MLflow store
 
-Each is its own process; this script stamps every validation line as it arrives on the
-child's stderr, so the wall times include start-up, imports, validation and checkpoints.
+Each is its own process, all started at once (one torch thread each), so that whatever
+else loads the machine slows them alike; this script stamps every validation line as it
+arrives on a child's stderr, so the wall times include start-up, imports, validation,
+checkpoints and, for tinytale, tracking and registering the model.
 Variants: `--set KEY=VALUE` adds a tinytale run with that override (e.g. data.stride=64),
 its epochs set for about 2,000 steps.
 
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -149,25 +152,33 @@ def main() -> None:
     tinytale_cmd = [sys.executable, "-m", "tinytale", "train", str(CONFIG), "--json",
                     "--set", f"train.num_threads={args.threads}"]
     runs: dict[str, dict] = {}
+    jobs: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"tinytale": []} | {f"tinytale {v}": [v] for v in args.variants}
-        for name, overrides in variants.items():
+        for i, (name, overrides) in enumerate(variants.items()):
             epochs, per_epoch = plan(overrides)
             if not overrides:  # as shipped
                 epochs = load_config(CONFIG).train.epochs
-            folder = Path(tmp) / f"run{len(runs)}"  # a fresh embedded store for each
+            folder = Path(tmp) / f"run{i}"  # a fresh embedded store for each
             folder.mkdir()
             extra = sum((["--set", o] for o in overrides), [])
-            rows, wall, stdout = stamped_rows(
-                [*tinytale_cmd, "--set", f"train.epochs={epochs}", *extra, "--out", "runs"],
-                env, str(folder))
-            summary = json.loads(stdout.strip().splitlines()[-1])
-            runs[name] = {"steps": epochs * per_epoch, "rows": rows, "process_s": wall,
-                          "registered": summary.get("registered_version") is not None}
-        rows, wall, _ = stamped_rows(
-            [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
-             "--loop", str(TARGET_STEPS), str(LOOP_EVAL_EVERY)], env, tmp)
-        runs["loop"] = {"steps": TARGET_STEPS, "rows": rows, "process_s": wall}
+            jobs[name] = [str(folder), *tinytale_cmd, "--set", f"train.epochs={epochs}",
+                          *extra, "--out", "runs"]
+            runs[name] = {"steps": epochs * per_epoch}
+        jobs["loop"] = [tmp, sys.executable, str(Path(__file__).resolve()), "--threads",
+                        str(args.threads), "--loop", str(TARGET_STEPS), str(LOOP_EVAL_EVERY)]
+        runs["loop"] = {"steps": TARGET_STEPS}
+        # All at once: whatever else loads the machine slows every one of them alike,
+        # where one after the other each would meet a different load.
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            done = {name: pool.submit(stamped_rows, cmd[1:], env, cmd[0])
+                    for name, cmd in jobs.items()}
+        for name, future in done.items():
+            rows, wall, stdout = future.result()
+            runs[name].update(rows=rows, process_s=wall)
+            if name != "loop":
+                summary = json.loads(stdout.strip().splitlines()[-1])
+                runs[name]["registered"] = summary.get("registered_version") is not None
     target = runs["loop"]["rows"][-1]["val_loss"]
     result = {"loop_final_val_loss": target, "threads": args.threads, "runs": runs}
     for run in runs.values():
