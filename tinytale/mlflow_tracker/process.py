@@ -16,6 +16,7 @@ Nothing of this module imports mlflow, except `serve`, which runs in the helper.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -127,7 +128,7 @@ class TrackerProcess(Tracker):
         if kind == "gone":
             self._replies.put((kind, value))  # every later ask sees it too
             raise RuntimeError(f"the MLflow helper process stopped (exit code "
-                               f"{self._proc.wait()}) before answering {name}")
+                               f"{self._proc.wait(timeout=10)}) before answering {name}")
         if kind == "error":
             raise value
         return value
@@ -156,8 +157,9 @@ class TrackerProcess(Tracker):
                   "`tinytale sync RUN_DIR`.", file=sys.stderr, flush=True)
             self._closed = Closed(tracking_uri=self.uri)
         finally:
+            # Not waited for: the helper closed the spool (and its lock) before answering,
+            # and its interpreter's exit is no part of the run.
             self._outbox.put(None)
-            self._proc.wait()  # the spool's lock is free once it has exited
         if self._start_error is not None:
             raise self._start_error
         return self._closed
@@ -195,6 +197,7 @@ def serve(from_training: Connection, to_training: Connection) -> None:
 
     _, config, uri = from_training.recv()
     tracker = MlflowTracker(config, uri)
+    warm_up(uri)
     failed = False  # start refused the run: nothing more goes to MLflow
     reported_id = None
     while True:
@@ -227,14 +230,31 @@ def serve(from_training: Connection, to_training: Connection) -> None:
             return
 
 
+def warm_up(uri: str) -> None:
+    """Open the store now (creating a fresh one's tables: the slow part), while the training
+    process is still importing torch and reading data, not when the run starts."""
+    from tinytale.mlflow_tracker.connection import make_client
+
+    # Any failure here is the run's own start's to report, in its words.
+    with contextlib.suppress(Exception):
+        make_client(uri).search_experiments(max_results=1)
+
+
 def main(argv: list[str]) -> None:
     # Stop signals are for the training process, which then finishes the run through us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.dup2(2, 1)  # stdout carries the training's --json line: nothing of ours goes there
+    # Send as records arrive, on this otherwise idle core, so that little is left to send
+    # when the run ends (the training process waits for that); a value the user set wins.
+    os.environ.setdefault("TINYTALE_TRACKING_FLUSH_S", "0.5")
     from_training = Connection(int(argv[0]), writable=False)
     to_training = Connection(int(argv[1]), readable=False)
     serve(from_training, to_training)
+    # Everything is sent and the spool closed: skip the interpreter's teardown (mlflow's
+    # exit handlers took ~1.7 s here), which would hold the training's stderr open.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
