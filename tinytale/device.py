@@ -64,7 +64,8 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 
 
 # Narrower models lose on a CPU with bf16 autocast: the casts cost more than the matrix units
-# save. Measured on an AMX Xeon (bench/run.py precision): 384 wide x1.7, 128 wide x0.8.
+# save. bf16 / fp32 tokens/s of fit() on an AMX Xeon (bench/precision.py): 384 wide x2.3,
+# 128 wide x0.78; 256, between them, is not measured.
 BF16_MIN_WIDTH_CPU = 256
 
 # /proc/cpuinfo flags of CPUs that multiply bf16 matrices in hardware (Intel AMX, AVX-512 BF16).
