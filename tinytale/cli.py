@@ -130,7 +130,7 @@ def train(
     """Train a GPT on fairy tales: per-epoch table on stderr, best checkpoint kept, registered."""
     from tinytale import distributed
     from tinytale.config import load_config
-    from tinytale.run import train_run
+    from tinytale.run import run_description, train_run
     from tinytale.train import StopRequest
 
     overrides = list(set_ or [])
@@ -147,10 +147,12 @@ def train(
         # Under torchrun only rank 0 talks to the console and to MLflow.
         rank = distributed.from_env().rank
         tracker = build_tracker(cfg, tracking_uri, no_tracking or rank != 0, quiet=rank != 0)
+        tags = {"mlflow.note.content": run_description(config, overrides),
+                **(_env_run_tags() or {})}
         with graceful_stop(stop):
             outcome = train_run(cfg, out, tracker, resume=resume, stop=stop,
                                 parent_run_id=os.environ.get("TINYTALE_PARENT_RUN_ID"),
-                                extra_tags=_env_run_tags())
+                                extra_tags=tags)
     summary = outcome.summary
     if rank != 0:
         pass  # under torchrun the summary is rank 0's: other ranks wrote no checkpoint

@@ -177,6 +177,9 @@ class TrackingConfig:
     system_metrics: bool = _doc("log CPU/memory/GPU through MLflow's system metrics",
                                 default=True)
     samples: int = _doc("generated samples logged as a text artifact at the end", default=3)
+    sample_every_epochs: int = _doc(
+        "log short samples (table `samples.json`) at epoch 1 and every N epochs (0 = off)",
+        default=5)
 
     def validate(self) -> None:
         if not self.experiment.strip():
@@ -191,6 +194,7 @@ class TrackingConfig:
             )
         _non_negative("tracking.log_every_steps", self.log_every_steps)
         _non_negative("tracking.samples", self.samples)
+        _non_negative("tracking.sample_every_epochs", self.sample_every_epochs)
 
 
 @dataclass

@@ -7,7 +7,10 @@ nothing of training or tracking.
 from __future__ import annotations
 
 import dataclasses
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,3 +74,53 @@ def sample_texts(checkpoint: Path, n: int, seed: int = 0) -> list[str]:
         return []
     model, tokenizer, _ = load_model(checkpoint)
     return complete(model, tokenizer, num_samples=n, seed=seed, max_new_tokens=300)
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One fixed way to sample at an epoch end: the same prompt and seed every time, so the
+    rows of different epochs differ only by what the model has learned."""
+
+    prompt: str
+    temperature: float
+    seed: int
+
+
+# A greedy continuation (what the model thinks most likely: "the the the" early on, the
+# lesson's grammar later) and one sample at temperature 1 (its whole distribution), both
+# from the start of a story, which every tokenizer can encode.
+EPOCH_PROMPTS = (SamplePrompt("", 0.0, 0), SamplePrompt("", 1.0, 1))
+EPOCH_SAMPLE_TOKENS = 40  # short: a sentence or two of the lesson, cheap to generate
+
+
+@dataclass
+class EpochSampler:
+    """Generates the per-epoch samples from the model being trained, leaving no trace on the
+    training: eval mode and no gradients while it runs, train mode and every RNG state (the
+    CPU's and the accelerator's) as they were afterwards. `seconds` adds up its cost."""
+
+    tokenizer: Tokenizer
+    every_epochs: int
+    prompts: tuple[SamplePrompt, ...] = EPOCH_PROMPTS
+    max_new_tokens: int = EPOCH_SAMPLE_TOKENS
+    seconds: float = 0.0
+
+    def due(self, epoch: int) -> bool:
+        """Epoch 1 (the first stage: token frequencies) and every `every_epochs` epochs."""
+        return self.every_epochs > 0 and (epoch == 1 or epoch % self.every_epochs == 0)
+
+    def __call__(self, model: GPT) -> list[dict[str, Any]]:
+        """One row per prompt: sample number, prompt, temperature, seed and text."""
+        start = time.perf_counter()
+        device = next(model.parameters()).device
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            rows = [
+                {"sample": i, "prompt": p.prompt, "temperature": p.temperature,
+                 "seed": p.seed,
+                 "text": complete(model, self.tokenizer, p.prompt, self.max_new_tokens,
+                                  p.temperature, seed=p.seed)[0]}
+                for i, p in enumerate(self.prompts)
+            ]
+        self.seconds += time.perf_counter() - start
+        return rows

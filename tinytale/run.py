@@ -10,6 +10,7 @@ import datetime as dt
 import itertools
 import math
 import os
+import shlex
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,9 +32,11 @@ from tinytale.checkpoint import (
 from tinytale.config import Config
 from tinytale.corpus import corpus_files, load_corpus, stream_stories
 from tinytale.data import DataBundle, build_data, windows_from_tokens
+from tinytale.datasets import corpus_datasets
 from tinytale.device import resolve_device
 from tinytale.errors import UserError
-from tinytale.inference import build_model, sample_texts
+from tinytale.inference import EpochSampler, build_model, sample_texts
+from tinytale.reference import ReferenceLevels, first_epoch_below, reference_levels
 from tinytale.tokencache import build_token_files, cached_tokenizer, content_hash
 from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from tinytale.tracking import RunInfo, RunSummary, Tracker
@@ -171,6 +174,26 @@ def _report_divergence(tracker: Tracker, summary: RunSummary) -> None:
                    "lower train.lr, or clip gradients with train.grad_clip"})
 
 
+def beat_epochs(result: FitResult, levels: ReferenceLevels) -> dict[str, Any]:
+    """The summary's reference levels and the first epochs validation loss fell below them."""
+    val = [(h["epoch"], h["val_loss"]) for h in result.state.history]
+    return {"reference_losses": {"uniform": levels.uniform, "unigram": levels.unigram,
+                                 "bigram": levels.bigram},
+            "beat_unigram_epoch": first_epoch_below(val, levels.unigram),
+            "beat_bigram_epoch": first_epoch_below(val, levels.bigram)}
+
+
+def run_description(config_file: Path | None, overrides: list[str]) -> str:
+    """The run's description (MLflow's `mlflow.note.content`): what it was trained from, and
+    the command that trains it again."""
+    source = f"`{config_file}`" if config_file else "the built-in lesson (experiments/lesson.yaml)"
+    given = (f"with the overrides {', '.join(f'`{o}`' for o in overrides)}" if overrides
+             else "with no overrides")
+    words = ["tinytale", "train", *([str(config_file)] if config_file else []),
+             *(w for o in overrides for w in ("--set", o))]
+    return f"Trained from {source} {given}.\n\nAgain: `{shlex.join(words)}`"
+
+
 @dataclass
 class StartingPoint:
     """Where a run starts: fresh, or from a checkpoint with the config it was started with."""
@@ -235,10 +258,16 @@ def train_run(
         resume_run_id=resume_state.get("run_id") if resume_state else None,
         parent_run_id=parent_run_id,
         local_dir=run_dir,
+        datasets=corpus_datasets(config.data, data),
     )
     run_id = tracker.start(info)
     if ignored:
         tracker.on_event("resume_keeps_run_config", ignored)
+    levels = reference_levels(data.train.tokens.numpy(), data.val.tokens.numpy(),
+                              data.tokenizer.vocab_size)
+    if resume_state is None:  # once per run: a resumed one logged them when it started
+        tracker.log_metrics(levels.metrics(), 0)
+    sampler = EpochSampler(data.tokenizer, config.tracking.sample_every_epochs)
     status = "FAILED"
     try:
         fields = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict()}
@@ -247,12 +276,13 @@ def train_run(
             # Read at each write: after a tracking outage the run id becomes known late.
             checkpoint_fields=lambda: {**fields, "run_id": tracker.run_id},
             resume=resume_state, stop=stop,
-            log_every_steps=config.tracking.log_every_steps, dist=dist,
+            log_every_steps=config.tracking.log_every_steps, dist=dist, sampler=sampler,
         )
         status = result.status
         summary = RunSummary(**result.summary(), run_id=run_id,
                              vocab_size=data.tokenizer.vocab_size, run_dir=str(run_dir),
-                             costs=tracker.costs())
+                             costs=tracker.costs(), sampling_s=round(sampler.seconds, 4),
+                             **beat_epochs(result, levels))
         summary.diverged = status == "FINISHED" and diverged(
             summary.final_train_loss, summary.final_val_loss, data.tokenizer.vocab_size)
         if summary.diverged:

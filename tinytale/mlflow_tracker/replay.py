@@ -22,6 +22,7 @@ from tinytale.mlflow_tracker.connection import (
     ensure_experiment,
     make_client,
 )
+from tinytale.mlflow_tracker.inputs_tables import log_datasets, log_samples_table
 from tinytale.mlflow_tracker.pyfunc import log_and_register
 from tinytale.mlflow_tracker.spool import Spool
 from tinytale.mlflow_tracker.uris import server_healthy
@@ -201,6 +202,10 @@ class Replayer:
                 client.log_batch(self._require_run(), tags=chunk, synchronous=True)
         elif op == "text":
             client.log_text(self._require_run(), rec["text"], rec["name"])
+        elif op == "inputs":
+            log_datasets(client, self._require_run(), rec["datasets"])
+        elif op == "samples":
+            log_samples_table(client, self._require_run(), rec["rows"])
         elif op == "model":
             self.registered = self._log_model(client, rec)
         elif op == "end":

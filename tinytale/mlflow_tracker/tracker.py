@@ -112,6 +112,8 @@ class MlflowTracker(Tracker):
                 "tracking_uri": self.uri,
             })
             self.spool.append({"op": "params", "params": info.params})
+            if info.datasets:
+                self.spool.append({"op": "inputs", "datasets": info.datasets})
             if info.config_yaml:
                 self.spool.append({"op": "text", "name": "config.yaml",
                                    "text": info.config_yaml})
@@ -269,6 +271,11 @@ class MlflowTracker(Tracker):
 
     def log_text(self, name: str, text: str) -> None:
         self.spool.append({"op": "text", "name": name, "text": text})
+
+    def log_samples(self, epoch: int, rows: list[dict[str, Any]]) -> None:
+        start = time.perf_counter()
+        self.spool.append({"op": "samples", "epoch": int(epoch), "rows": rows})
+        self._loop_s += time.perf_counter() - start
 
     # -- the end -----------------------------------------------------------------------------
 
