@@ -29,6 +29,7 @@ from typing import Any
 from tinytale.errors import UserError
 from tinytale.metrics import perplexity
 from tinytale.paths import check_can_make_folder
+from tinytale.reference import LEVEL_NAMES, first_epoch_below, metric_name
 
 DEFAULT_METRIC = "val_loss"
 DEFAULT_PATIENCE = 3
@@ -79,11 +80,19 @@ class RunSummary:
     status: str
     metric: str
     best_metric_value: float | None
+    # The run's reference levels (uniform, unigram, bigram loss), and the first epochs its
+    # validation loss fell below the unigram and bigram ones.
+    reference_losses: dict[str, float] = field(default_factory=dict)
+    beat_unigram_epoch: int | None = None
+    beat_bigram_epoch: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         row = {key: getattr(self, key) for key in JSON_KEYS}
         row.update(overrides=self.overrides, status=self.status, metric=self.metric,
-                   best_metric_value=self.best_metric_value)
+                   best_metric_value=self.best_metric_value,
+                   beat_unigram_epoch=self.beat_unigram_epoch,
+                   beat_bigram_epoch=self.beat_bigram_epoch,
+                   reference_losses=self.reference_losses)
         return {key: _json_safe(value) for key, value in row.items()}
 
 
@@ -191,6 +200,7 @@ def summarize(run: RunCurves, metric: str = DEFAULT_METRIC, patience: int = DEFA
     best_val_loss = None
     if best is not None:
         best_val_loss = best[1] if metric == "val_loss" else val_at.get(best[0])
+    levels = reference_losses(run)
     tps_series = [v for _, v in run.histories.get("tokens_per_sec", []) if math.isfinite(v)]
     tokens_per_sec = (statistics.median(tps_series) if tps_series
                       else run.latest.get("tokens_per_sec"))
@@ -208,7 +218,16 @@ def summarize(run: RunCurves, metric: str = DEFAULT_METRIC, patience: int = DEFA
         status=run.status,
         metric=metric,
         best_metric_value=best[1] if best else None,
+        reference_losses=levels,
+        beat_unigram_epoch=first_epoch_below(val, levels.get("unigram")),
+        beat_bigram_epoch=first_epoch_below(val, levels.get("bigram")),
     )
+
+
+def reference_losses(run: RunCurves) -> dict[str, float]:
+    """The reference levels the run logged once (tinytale.reference); {} for older runs."""
+    return {name: run.latest[metric_name(name)] for name in LEVEL_NAMES
+            if metric_name(name) in run.latest and math.isfinite(run.latest[metric_name(name)])}
 
 
 def summarize_all(runs: Sequence[RunCurves], metric: str = DEFAULT_METRIC,
@@ -325,6 +344,23 @@ def check_figure_path(out: Path) -> None:
     check_can_make_folder(out.parent, f"--out '{out}'", if_file=fix, if_read_only=fix)
 
 
+def _draw_reference_levels(ax: Any, summaries: Sequence[RunSummary]) -> None:
+    """Each distinct reference level of the compared runs as a grey horizontal line, labelled
+    at its left end (runs on the same data share one line per level)."""
+    styles = {"uniform": ":", "unigram": "-.", "bigram": (0, (6, 3))}
+    drawn: set[tuple[str, float]] = set()
+    for summary in summaries:
+        for name, level in summary.reference_losses.items():
+            if (name, round(level, 3)) in drawn:
+                continue
+            drawn.add((name, round(level, 3)))
+            ax.axhline(level, color="0.45", linewidth=1.0, linestyle=styles.get(name, "--"),
+                       zorder=1)
+            ax.annotate(f"{name} level {level:.3f}", (0.005, level),
+                        xycoords=("axes fraction", "data"), xytext=(2, 3),
+                        textcoords="offset points", fontsize=8, color="0.3")
+
+
 def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out: Path,
                 metric: str = DEFAULT_METRIC, title: str | None = None) -> Path:
     """Train (dashed) and validation (solid) curves per run on shared axes, best epoch marked.
@@ -369,6 +405,8 @@ def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out:
                        alpha=0.7)
         run_handles.append(Line2D([], [], color=colour, linewidth=2.5, label=run_label(summary)))
 
+    if metric.endswith("_loss"):
+        _draw_reference_levels(ax, summaries)
     pretty = metric.removeprefix("val_").replace("_", " ")
     ax.set_xlabel("epoch", fontsize=12)
     ax.set_ylabel(f"{pretty} (train dashed, validation solid)", fontsize=12)
