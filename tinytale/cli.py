@@ -179,6 +179,13 @@ def _human_summary(summary: RunSummary) -> str:
         if summary.best_val_loss is not None else "no epoch finished",
         f"checkpoint: {summary.checkpoint}",
     ]
+    if summary.reference_losses:  # one line: when validation beat the no-training levels
+        beat = [f"the {level} level ({summary.reference_losses[level]:.4f}) at epoch {epoch}"
+                if epoch is not None else f"never the {level} level"
+                f" ({summary.reference_losses[level]:.4f})"
+                for level, epoch in (("unigram", summary.beat_unigram_epoch),
+                                     ("bigram", summary.beat_bigram_epoch))]
+        lines.insert(1, f"val loss beat {beat[0]}, {beat[1]}")
     if summary.run_url or summary.run_id:
         lines.append(f"mlflow run: {summary.run_url or summary.run_id}")
     registration = summary.registration

@@ -29,7 +29,7 @@ from typing import Any
 from tinytale.errors import UserError
 from tinytale.metrics import perplexity
 from tinytale.paths import check_can_make_folder
-from tinytale.reference import LEVEL_NAMES, first_epoch_below, metric_name
+from tinytale.reference import LEVEL_NAMES, first_epoch_below, param_name
 
 DEFAULT_METRIC = "val_loss"
 DEFAULT_PATIENCE = 3
@@ -225,9 +225,10 @@ def summarize(run: RunCurves, metric: str = DEFAULT_METRIC, patience: int = DEFA
 
 
 def reference_losses(run: RunCurves) -> dict[str, float]:
-    """The reference levels the run logged once (tinytale.reference); {} for older runs."""
-    return {name: run.latest[metric_name(name)] for name in LEVEL_NAMES
-            if metric_name(name) in run.latest and math.isfinite(run.latest[metric_name(name)])}
+    """The reference levels the run logged as params (tinytale.reference); {} for older runs."""
+    levels = {name: _parse_param(run.params.get(param_name(name))) for name in LEVEL_NAMES}
+    return {name: float(v) for name, v in levels.items()
+            if isinstance(v, int | float) and math.isfinite(v)}
 
 
 def summarize_all(runs: Sequence[RunCurves], metric: str = DEFAULT_METRIC,

@@ -116,10 +116,11 @@ class EpochSampler:
         cuda = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             rows = [
-                {"sample": i, "prompt": p.prompt, "temperature": p.temperature,
-                 "seed": p.seed,
+                # The text first: a table viewer shows the left columns without scrolling.
+                {"sample": i,
                  "text": complete(model, self.tokenizer, p.prompt, self.max_new_tokens,
-                                  p.temperature, seed=p.seed)[0]}
+                                  p.temperature, seed=p.seed)[0],
+                 "prompt": p.prompt, "temperature": p.temperature, "seed": p.seed}
                 for i, p in enumerate(self.prompts)
             ]
         self.seconds += time.perf_counter() - start

@@ -89,13 +89,13 @@ class ReferenceLevels:
     unigram: float
     bigram: float
 
-    def metrics(self) -> dict[str, float]:
-        """As logged once per run: `reference/uniform_loss`, ... (their own chart section)."""
-        return {metric_name(name): getattr(self, name) for name in LEVEL_NAMES}
+    def params(self) -> dict[str, float]:
+        """As logged once per run, with the config: `reference.uniform_loss`, ..."""
+        return {param_name(name): getattr(self, name) for name in LEVEL_NAMES}
 
 
-def metric_name(level: str) -> str:
-    return f"reference/{level}_loss"
+def param_name(level: str) -> str:
+    return f"reference.{level}_loss"
 
 
 def reference_levels(train: Sequence[int] | np.ndarray, val: Sequence[int] | np.ndarray,

@@ -249,10 +249,13 @@ def train_run(
     data = prepare_data(config, tokenizer, dist.world_size)
     seed_everything(config.train.seed)  # the initial weights depend on the seed alone
     model = build_model(config, data.tokenizer.vocab_size)
+    levels = reference_levels(data.train.tokens.numpy(), data.val.tokens.numpy(),
+                              data.tokenizer.vocab_size)
     info = RunInfo(
         experiment=config.tracking.experiment,
         run_name=run_name,
-        params={**config.flat(), "model.num_params": model.num_params(), **data.describe()},
+        params={**config.flat(), "model.num_params": model.num_params(), **data.describe(),
+                **levels.params()},
         tags=run_tags(config, device, extra_tags),
         config_yaml=config.to_yaml(),
         resume_run_id=resume_state.get("run_id") if resume_state else None,
@@ -263,10 +266,6 @@ def train_run(
     run_id = tracker.start(info)
     if ignored:
         tracker.on_event("resume_keeps_run_config", ignored)
-    levels = reference_levels(data.train.tokens.numpy(), data.val.tokens.numpy(),
-                              data.tokenizer.vocab_size)
-    if resume_state is None:  # once per run: a resumed one logged them when it started
-        tracker.log_metrics(levels.metrics(), 0)
     sampler = EpochSampler(data.tokenizer, config.tracking.sample_every_epochs)
     status = "FAILED"
     try:

@@ -176,8 +176,8 @@ class Tracker:
         """A small text artifact (generated samples, a report)."""
 
     def log_samples(self, epoch: int, rows: list[dict[str, Any]]) -> None:
-        """Text generated at the end of `epoch`: one row per sample (`epoch`, `sample`,
-        `prompt`, `temperature`, `seed`, `text`, `val_loss`)."""
+        """Text generated at the end of `epoch`: one row per sample (`epoch`, `val_loss`,
+        `sample`, `text`, `prompt`, `temperature`, `seed`)."""
 
     def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration | None:
         """Publish the best checkpoint (e.g. register a model version); None: not published."""
@@ -294,6 +294,11 @@ class ConsoleTracker(Tracker):
 
     def start(self, info: RunInfo) -> str | None:
         self._write(f"run '{info.run_name}' in experiment '{info.experiment}'")
+        levels = {k.removeprefix("reference.").removesuffix("_loss"): v
+                  for k, v in info.params.items() if k.startswith("reference.")}
+        if levels:  # what validation loss to beat (tinytale/reference.py)
+            self._write("reference val loss: " + ", ".join(f"{k} {float(v):.4f}"
+                                                          for k, v in levels.items()))
         return None
 
     def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
@@ -311,11 +316,6 @@ class ConsoleTracker(Tracker):
         self.stream.flush()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        levels = {k.removeprefix("reference/").removesuffix("_loss"): v
-                  for k, v in metrics.items() if k.startswith("reference/")}
-        if levels:
-            self._write("reference val loss: " + ", ".join(f"{k} {v:.4f}"
-                                                          for k, v in levels.items()))
         if "val_loss" not in metrics:
             return  # step-level metrics: the progress bar is enough on a console
         if self.progress:

@@ -281,7 +281,7 @@ def finish_epoch(loop: Loop, state: TrainState, sums: EpochAccumulator) -> Endin
                                             "reason": reason})
         raise TrainingFailed(reason)
     if loop.sampler is not None and loop.sampler.due(epoch):
-        rows = [{"epoch": epoch, **row, "val_loss": val_loss} for row in loop.sampler(loop.model)]
+        rows = [{"epoch": epoch, "val_loss": val_loss, **row} for row in loop.sampler(loop.model)]
         loop.tracker.log_samples(epoch, rows)
     # Advance to the next epoch before saving, so last.pt resumes at its start.
     state.epoch += 1

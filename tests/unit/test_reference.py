@@ -44,9 +44,9 @@ def test_bigram_beats_unigram_on_a_deterministic_sequence():
     levels = reference_levels(train, val, 3)
     assert levels.bigram < 0.1 < levels.unigram
     assert levels.unigram == pytest.approx(math.log(3), abs=1e-9)  # equal counts: uniform
-    assert levels.metrics() == {"reference/uniform_loss": levels.uniform,
-                                "reference/unigram_loss": levels.unigram,
-                                "reference/bigram_loss": levels.bigram}
+    assert levels.params() == {"reference.uniform_loss": levels.uniform,
+                               "reference.unigram_loss": levels.unigram,
+                               "reference.bigram_loss": levels.bigram}
 
 
 def test_sparse_counts_agree_with_dense(monkeypatch):
