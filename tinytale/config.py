@@ -179,7 +179,7 @@ class TrackingConfig:
     samples: int = _doc("generated samples logged as a text artifact at the end", default=3)
     sample_every_epochs: int = _doc(
         "log short samples (table `samples.json`) at epoch 1 and every N epochs (0 = off)",
-        default=5)
+        default=10)
 
     def validate(self) -> None:
         if not self.experiment.strip():
