@@ -25,7 +25,8 @@ SAMPLE_EVERY = 2
 SAMPLED_EPOCHS = [1, 2, 4, 6]  # epoch 1 and every 2nd
 # The lesson's model on the lesson corpus, short: it beats the bigram level by epoch ~3.
 LESSON_SHORT = [f"train.epochs={EPOCHS}", f"tracking.sample_every_epochs={SAMPLE_EVERY}",
-                "tracking.system_metrics=false", "tracking.samples=1"]
+                "tracking.system_metrics=false", "tracking.samples=1",
+                "tracking.log_every_steps=5"]
 
 
 def start_lesson(url: str, out: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -87,6 +88,17 @@ def check_story(client: MlflowClient, run_id: str, summary: dict, tmp: Path) -> 
     assert {"input_example.json", "serving_input_example.json"} <= files
     models = client.search_logged_models([run.info.experiment_id])
     assert [m.model_id for m in models if m.source_run_id == run_id] == [summary["model_id"]]
+
+    # One x-axis (README: "One x-axis"): per-step points have step = optimizer step, per-epoch
+    # ones step = epoch, and their timestamps order them, so "Time (relative)" lines them up:
+    # every step point lies between the validation of the epoch before and of its own epoch.
+    val_at = {m.step: m.timestamp for m in client.get_metric_history(run_id, "val_loss")}
+    step_points = client.get_metric_history(run_id, "train_loss_step")
+    steps_per_epoch = int(run.data.params["train_windows"]) // 16  # the lesson's batch size
+    assert len(step_points) == EPOCHS * steps_per_epoch // 5
+    for point in step_points:
+        epoch = -(-point.step // steps_per_epoch)  # the epoch this optimizer step belongs to
+        assert val_at.get(epoch - 1, 0) <= point.timestamp <= val_at[epoch], (point, epoch)
 
     # The description names the experiment and the overrides.
     note = run.data.tags["mlflow.note.content"]
