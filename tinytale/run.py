@@ -250,7 +250,7 @@ def train_run(
     seed_everything(config.train.seed)  # the initial weights depend on the seed alone
     model = build_model(config, data.tokenizer.vocab_size)
     levels = reference_levels(data.train.tokens.numpy(), data.val.tokens.numpy(),
-                              data.tokenizer.vocab_size)
+                              data.tokenizer.vocab_size)  # numpy views: no copy yet
     info = RunInfo(
         experiment=config.tracking.experiment,
         run_name=run_name,

@@ -89,12 +89,12 @@ def _input_example(state: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """A request the model answers: the lesson's opening where its tokenizer can encode it
     (a word model of another corpus may not know these words), else an empty prompt, which
     starts a new story with any tokenizer. Built from the tokenizer alone: no model load."""
-    from tinytale.tokenizer import tokenizer_from_dict
+    from tinytale.tokenizer import TokenizerError, tokenizer_from_dict
 
     try:
         tokenizer_from_dict(state["tokenizer"]).encode(EXAMPLE_PROMPT)
         prompt = EXAMPLE_PROMPT
-    except Exception:  # TokenizerError: words the corpus never uses
+    except TokenizerError:  # words (or characters) the corpus never uses
         prompt = ""
     return [prompt], dict(EXAMPLE_PARAMS)
 
