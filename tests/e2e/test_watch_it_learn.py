@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from mlflow import MlflowClient
+from support.configs import TINY
 from support.holding import hold_env, release, wait_held
 from support.spool import spool_records
 from test_outage import sync
@@ -177,3 +178,33 @@ def test_compare_reports_and_draws_the_levels(mlflow_server, tmp_path):
     svg = (tmp_path / "curves.svg").read_text()
     for level in ("uniform", "unigram", "bigram"):
         assert f"{level} level {summary['reference_losses'][level]:.3f}" in svg
+
+
+def test_input_example_is_logged_without_loading_the_model(mlflow_server, tmp_path,
+                                                           monkeypatch):
+    """Logging the best checkpoint writes the example files but never loads the model (which
+    MLflow does by default to validate an example: a load and a prediction per run)."""
+    import mlflow
+
+    from tinytale.mlflow_tracker.pyfunc import log_and_register
+
+    exe = str(Path(sys.executable).with_name("tinytale"))
+    trained = subprocess.run(
+        [exe, "train", *[a for o in TINY for a in ("--set", o)], "--no-tracking", "--out",
+         str(tmp_path / "runs"), "--json"], capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoint = json.loads(trained.stdout.strip().splitlines()[-1])["checkpoint"]
+    loads = []
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda *a, **k: loads.append(a))
+    client = MlflowClient(mlflow_server.url)
+    experiment_id = client.create_experiment(f"example-{time.monotonic_ns()}")
+    run_id = client.create_run(experiment_id).info.run_id
+    rec = {"seq": 1, "local_id": "example", "checkpoint": checkpoint, "register": False,
+           "registered_model": "unused", "summary": {"best_epoch": 3}}
+    done = log_and_register(client, mlflow_server.url, run_id, experiment_id, rec)
+    assert loads == []
+    folder = Path(mlflow.artifacts.download_artifacts(
+        f"models:/{done['model_id']}", dst_path=str(tmp_path / "model"),
+        tracking_uri=mlflow_server.url))
+    serving = json.loads((folder / "serving_input_example.json").read_text())
+    assert serving["inputs"] == ["once upon a time"] and serving["params"]["seed"] == 1
