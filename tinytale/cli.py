@@ -226,6 +226,32 @@ def generate(
         typer.echo(text)
 
 
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(
+        help="A checkpoint file (best.pt), models:/NAME@ALIAS, models:/NAME/VERSION, "
+             "or an MLflow run id.")],
+    out_dir: Annotated[Path, typer.Argument(
+        help="New (or empty) folder to write; written whole or not at all.")],
+    format_: Annotated[str, typer.Option(
+        "--format", help="hf: a transformers GPT2LMHeadModel folder with its "
+                         "tokenizer.")] = "hf",
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Write a trained model for other tools: --format hf loads with transformers'
+    AutoModelForCausalLM and AutoTokenizer (needs pip install 'tinytale[hf]')."""
+    with user_errors():
+        if format_ != "hf":
+            raise UserError(f"--format {format_} is unknown; use --format hf.")
+        from tinytale.export_hf import export_hf, require_writer  # torch: only here
+
+        require_writer()
+        exported = export_hf(resolve_model_source(source, tracking_uri), out_dir)
+    for warning in exported.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"wrote {exported.folder}: {', '.join(exported.files)}")
+
+
 def resolve_model_source(source: str, tracking_uri: str | None) -> Path:
     """A checkpoint file as is; a folder -> its newest best.pt; MLflow URIs and run ids fetched."""
     path = Path(source)

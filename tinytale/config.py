@@ -199,6 +199,10 @@ class TrackingConfig:
     system_metrics: bool = _doc("log CPU/memory/GPU through MLflow's system metrics",
                                 default=True)
     samples: int = _doc("generated samples logged as a text artifact at the end", default=3)
+    export_hf: bool = _doc(
+        "also log the best model as a Hugging Face folder (artifact hf/; needs tinytale[hf])",
+        default=False,
+    )
 
     def validate(self) -> None:
         if not self.experiment.strip():
