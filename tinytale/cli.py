@@ -187,11 +187,15 @@ def _human_summary(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+# A trained model to read: what `generate` samples from and `export` converts.
+ModelSourceArgument = Annotated[str, typer.Argument(
+    help="A checkpoint file (best.pt), models:/NAME@ALIAS, models:/NAME/VERSION, "
+         "or an MLflow run id.")]
+
+
 @app.command()
 def generate(
-    source: Annotated[str, typer.Argument(
-        help="A checkpoint file (best.pt), models:/NAME@ALIAS, models:/NAME/VERSION, "
-             "or an MLflow run id.")],
+    source: ModelSourceArgument,
     prompt: Annotated[str, typer.Option(
         help="Text to continue; empty starts a new story.")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to add.")] = 200,
@@ -228,9 +232,7 @@ def generate(
 
 @app.command()
 def export(
-    source: Annotated[str, typer.Argument(
-        help="A checkpoint file (best.pt), models:/NAME@ALIAS, models:/NAME/VERSION, "
-             "or an MLflow run id.")],
+    source: ModelSourceArgument,
     out_dir: Annotated[Path, typer.Argument(
         help="New (or empty) folder to write; written whole or not at all.")],
     format_: Annotated[str, typer.Option(
