@@ -62,18 +62,6 @@ class DataConfig:
         ".txt, .jsonl/.json (one object per line), .parquet, and .gz/.zst of the text ones",
         default="lesson",
     )
-    story_separator: str = _doc(
-        "where text files split into stories: auto (at <|endoftext|> lines when the file's "
-        "first MB has one, else at blank lines), blank_line, or a marker such as <|endoftext|>",
-        default="auto",
-    )
-    text_field: str = _doc("the field (JSON) or column (Parquet) holding each story",
-                           default="text")
-    tokenizer_file: str | None = _doc(
-        "reuse a tokenizer instead of training one: a tokenizer.json (tinytale's, or a "
-        "Hugging Face one with an <eos> token) or an earlier run's checkpoint (.pt)",
-        default=None,
-    )
     tokenizer: Literal["word", "char", "bpe"] = _doc("word | char | bpe", default="word")
     val_fraction: float = _doc("share of stories held out for validation", default=0.1)
     train_fraction: float = _doc(
@@ -92,6 +80,18 @@ class DataConfig:
     stream: bool | Literal["auto"] = _doc(
         "tokenize file corpora once into memory-mapped token files (auto: above 64 MB)",
         default="auto",
+    )
+    story_separator: str = _doc(
+        "where text files split into stories: auto (at <|endoftext|> lines when the file's "
+        "first MB has one, else at blank lines), blank_line, or a marker such as <|endoftext|>",
+        default="auto",
+    )
+    text_field: str = _doc("the field (JSON) or column (Parquet) holding each story",
+                           default="text")
+    tokenizer_file: str | None = _doc(
+        "reuse a tokenizer instead of training one: a tokenizer.json (tinytale's, or a "
+        "Hugging Face one with an <eos> token) or an earlier run's checkpoint (.pt)",
+        default=None,
     )
 
     def validate(self) -> None:

@@ -82,7 +82,7 @@ class MlflowTracker(Tracker):
         """Ask a server whether it lets us log (once): UserError for one that answers but
         refuses us (401/403); an unreachable server is fine (the spool keeps the run)."""
         if not self._checked:
-            if getattr(self.config.tracking, "export_hf", False):
+            if self.config.tracking.export_hf:
                 from tinytale.export_hf import require_writer
 
                 require_writer()  # before training, not after it
@@ -288,7 +288,7 @@ class MlflowTracker(Tracker):
             "op": "model", "checkpoint": str(Path(checkpoint).resolve()),
             "summary": safe_summary, "register": bool(tracking.register),
             "registered_model": tracking.registered_model, "local_id": self.local_id,
-            "export_hf": bool(getattr(tracking, "export_hf", False)),
+            "export_hf": bool(tracking.export_hf),
         })
         t0 = time.perf_counter()
         try:
