@@ -82,8 +82,8 @@ class DataConfig:
         default="auto",
     )
     story_separator: str = _doc(
-        "where text files split into stories: auto (at <|endoftext|> lines when the file's "
-        "first MB has one, else at blank lines), blank_line, or a marker such as <|endoftext|>",
+        "where text files split into stories: auto (at <|endoftext|> when the file's first MB "
+        "has one, else at blank lines), blank_line, or a marker such as <|endoftext|>",
         default="auto",
     )
     text_field: str = _doc("the field (JSON) or column (Parquet) holding each story",

@@ -89,6 +89,12 @@ def test_blank_line_separator_cuts_tinystories_at_paragraphs_instead(tmp_path):
     assert " ".join(paragraphs).replace(" <|endoftext|>", "") == " ".join(whole)
 
 
+def test_auto_finds_an_endoftext_marker_glued_to_the_text(tmp_path):
+    (tmp_path / "t.txt").write_text("A fox ran.\n\nHome.<|endoftext|>A hen\nsat.<|endoftext|>\n",
+                                    encoding="utf-8")
+    assert load_corpus(str(tmp_path / "t.txt")) == ["A fox ran. Home.", "A hen sat."]
+
+
 def test_custom_marker_and_text_field(tmp_path):
     (tmp_path / "t.txt").write_text("one\ntale\n=====\ntwo tale=====three\n", encoding="utf-8")
     assert load_corpus(str(tmp_path / "t.txt"), fmt=StoryFormat("=====")) == [

@@ -187,7 +187,7 @@ def _separator_of(file: Path, fmt: StoryFormat) -> str | None:
         return fmt.separator
     seen = 0
     for _, line in _lines(file):
-        if line.strip() == ENDOFTEXT:
+        if ENDOFTEXT in line:  # on a line of its own, or glued to a story's last words
             return ENDOFTEXT
         seen += len(line)
         if seen > SNIFF_BYTES:
@@ -196,8 +196,8 @@ def _separator_of(file: Path, fmt: StoryFormat) -> str | None:
 
 
 def _text_stories(file: Path, fmt: StoryFormat) -> Iterator[str]:
-    """Stories end at a separator line (TinyStories' `<|endoftext|>`, inner newlines are
-    paragraphs) or, without one, at blank lines."""
+    """Stories end at a separator (TinyStories' `<|endoftext|>`, inner newlines are
+    paragraphs; anywhere in a line) or, without one, at blank lines."""
     separator = _separator_of(file, fmt)
     story: list[str] = []
     for _, line in _lines(file):
