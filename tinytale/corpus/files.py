@@ -269,7 +269,9 @@ def _parquet_stories(file: Path, fmt: StoryFormat) -> Iterator[str]:
                           f"{', '.join(schema.names[:8])}); set data.text_field to the column "
                           "that holds the stories.")
     column_type = schema.field(field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow 16+
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+            or is_view(column_type)):
         raise CorpusError(f"data.corpus file '{file}' column '{field}' holds {column_type}, "
                           "not strings; choose the text column with data.text_field.")
     row = 0
