@@ -146,11 +146,17 @@ def phase_train_speed(corpus: Path, small: Path, tokenizer: Path, vocab: int, st
 
 
 def child(args: list[str], env: dict[str, str]) -> dict:
+    """One phase in a fresh process; its result plus the CPU seconds it used (user + sys:
+    on a shared machine the wall time also counts the other tenants' load)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
                           text=True)
     if done.returncode != 0:
         raise SystemExit(f"phase {args[:2]} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {**json.loads(done.stdout.strip().splitlines()[-1]),
+            f"{args[1]}_phase_cpu_s": round(cpu_s, 1)}
 
 
 def main() -> None:
@@ -206,7 +212,8 @@ def main() -> None:
     print(f"corpus: {result['corpus_mb']} MB, {result['stories']:,} stories, BPE vocab "
           f"{result['vocab_size']}, {result['train_tokens']:,} training tokens")
     print(f"first run:  {result['first_run_s']} s (hash {result['hash_s']} s, BPE training "
-          f"{result['bpe_train_s']} s, tokenizing {result['tokenize_s']} s), peak memory "
+          f"{result['bpe_train_s']} s, tokenizing {result['tokenize_s']} s; "
+          f"{result['first_phase_cpu_s']} CPU s), peak memory "
           f"{result['first_run_peak_rss_mb']} MB")
     print(f"second run: data ready in {result['second_run_prepare_s']} s "
           f"({result['second_run_exec_to_data_s']} s from exec, imports included), peak "
