@@ -196,11 +196,15 @@ def _human_summary(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+# A trained model to read: what `generate` samples from and `export` converts.
+ModelSourceArgument = Annotated[str, typer.Argument(
+    help="A checkpoint file (best.pt), models:/NAME@ALIAS, models:/NAME/VERSION, "
+         "or an MLflow run id.")]
+
+
 @app.command()
 def generate(
-    source: Annotated[str, typer.Argument(
-        help="A checkpoint file (best.pt), models:/NAME@ALIAS, models:/NAME/VERSION, "
-             "or an MLflow run id.")],
+    source: ModelSourceArgument,
     prompt: Annotated[str, typer.Option(
         help="Text to continue; empty starts a new story.")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to add.")] = 200,
@@ -233,6 +237,30 @@ def generate(
         if i:
             typer.echo("---")
         typer.echo(text)
+
+
+@app.command()
+def export(
+    source: ModelSourceArgument,
+    out_dir: Annotated[Path, typer.Argument(
+        help="New (or empty) folder to write; written whole or not at all.")],
+    format_: Annotated[str, typer.Option(
+        "--format", help="hf: a transformers GPT2LMHeadModel folder with its "
+                         "tokenizer.")] = "hf",
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Write a trained model for other tools: --format hf loads with transformers'
+    AutoModelForCausalLM and AutoTokenizer (needs pip install 'tinytale[hf]')."""
+    with user_errors():
+        if format_ != "hf":
+            raise UserError(f"--format {format_} is unknown; use --format hf.")
+        from tinytale.export_hf import export_hf, require_writer  # torch: only here
+
+        require_writer()
+        exported = export_hf(resolve_model_source(source, tracking_uri), out_dir)
+    for warning in exported.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"wrote {exported.folder}: {', '.join(exported.files)}")
 
 
 def resolve_model_source(source: str, tracking_uri: str | None) -> Path:

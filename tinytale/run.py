@@ -30,7 +30,7 @@ from tinytale.checkpoint import (
     peek_checkpoint,
 )
 from tinytale.config import Config
-from tinytale.corpus import corpus_files, load_corpus, stream_stories
+from tinytale.corpus import StoryFormat, corpus_files, load_corpus, stream_stories
 from tinytale.data import DataBundle, build_data, windows_from_tokens
 from tinytale.datasets import corpus_datasets
 from tinytale.device import resolve_device
@@ -38,7 +38,12 @@ from tinytale.errors import UserError
 from tinytale.inference import EpochSampler, build_model, sample_texts
 from tinytale.reference import ReferenceLevels, first_epoch_below, reference_levels
 from tinytale.tokencache import build_token_files, cached_tokenizer, content_hash
-from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
+from tinytale.tokenizer import (
+    Tokenizer,
+    load_tokenizer_file,
+    tokenizer_from_dict,
+    train_tokenizer,
+)
 from tinytale.tracking import RunInfo, RunSummary, Tracker
 from tinytale.train import FitResult, StopRequest, diverged, fit, seed_everything
 
@@ -58,11 +63,14 @@ def prepare_data(config: Config, tokenizer: Tokenizer | None = None,
     for the check that an epoch has at least one optimizer step.
     """
     d = config.data
+    if tokenizer is None and d.tokenizer_file:
+        tokenizer = load_tokenizer_file(d.tokenizer_file, d.tokenizer)
     files = corpus_files(d.corpus)
     if files is not None and (d.stream is True or (
             d.stream == "auto" and sum(f.stat().st_size for f in files) > STREAM_ABOVE_BYTES)):
         return prepare_streamed(config, files, tokenizer, world_size)
-    stories = load_corpus(d.corpus, d.n_stories, d.seed)
+    stories = load_corpus(d.corpus, d.n_stories, d.seed, StoryFormat(d.story_separator,
+                                                                     d.text_field))
     if tokenizer is None:
         tokenizer = train_tokenizer(d.tokenizer, stories, d.bpe_vocab_size)
     return build_data(
@@ -81,11 +89,13 @@ def prepare_streamed(config: Config, files: list[Path], tokenizer: Tokenizer | N
     `data.n_stories` and `data.train_fraction` cut the streams rather than story lists.
     """
     d = config.data
+    fmt = StoryFormat(d.story_separator, d.text_field)
 
     def stories() -> Iterator[str]:
-        return itertools.islice(stream_stories(files), d.n_stories)
+        return itertools.islice(stream_stories(files, fmt), d.n_stories)
 
-    key = f"{content_hash(files)}:{d.n_stories}"
+    # The same bytes cut by another separator or field are other stories: both are in the key.
+    key = f"{content_hash(files)}:{d.n_stories}:{fmt.cache_key()}"
     if tokenizer is None:
         tokenizer = cached_tokenizer(key, d.tokenizer, d.bpe_vocab_size, stories)
     token_files = build_token_files(stories(), key, tokenizer, d.val_fraction, d.seed)

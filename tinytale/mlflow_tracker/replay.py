@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -22,6 +23,7 @@ from tinytale.mlflow_tracker.connection import (
     ensure_experiment,
     make_client,
 )
+from tinytale.mlflow_tracker.hf_artifact import log_hf_folder
 from tinytale.mlflow_tracker.inputs_tables import log_datasets, log_samples_table
 from tinytale.mlflow_tracker.pyfunc import log_and_register
 from tinytale.mlflow_tracker.spool import Spool
@@ -272,6 +274,8 @@ class Replayer:
         self.pushed_metrics += len(batch)
 
     def _log_model(self, client: MlflowClient, rec: dict[str, Any]) -> dict[str, Any]:
+        if rec.get("export_hf"):
+            log_hf_folder(client, self._require_run(), Path(rec["checkpoint"]))
         return log_and_register(client, self.uri, self._require_run(), self.experiment_id,
                                 rec, self.spool)
 

@@ -82,6 +82,10 @@ class MlflowTracker(Tracker):
         """Ask a server whether it lets us log (once): UserError for one that answers but
         refuses us (401/403); an unreachable server is fine (the spool keeps the run)."""
         if not self._checked:
+            if self.config.tracking.export_hf:
+                from tinytale.export_hf import require_writer
+
+                require_writer()  # before training, not after it
             use_mlflow_settings()
             check_access(self.uri, info.experiment)
             self._checked = True
@@ -291,6 +295,7 @@ class MlflowTracker(Tracker):
             "op": "model", "checkpoint": str(Path(checkpoint).resolve()),
             "summary": safe_summary, "register": bool(tracking.register),
             "registered_model": tracking.registered_model, "local_id": self.local_id,
+            "export_hf": bool(tracking.export_hf),
         })
         t0 = time.perf_counter()
         try:
