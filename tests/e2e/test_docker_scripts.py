@@ -3,8 +3,10 @@ repositories, and the MLflow server's access log on a real `mlflow server`."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -127,3 +129,90 @@ def test_server_refuses_an_unknown_access_log_setting(tmp_path):
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "mlflow-server: ERROR: TINYTALE_MLFLOW_ACCESS_LOG='quiet' is not 'errors' or 'all'"]
+
+
+# A database one schema revision behind the installed MLflow, with a run in it: MLflow's own
+# store writes the run, then alembic undoes the newest migration (it has a real downgrade).
+OLD_SCHEMA = """
+import sys
+from alembic import command
+from mlflow.entities import Metric
+from mlflow.store.db.utils import _get_alembic_config, _get_schema_version
+from mlflow.tracking import MlflowClient
+import sqlalchemy
+
+uri = sys.argv[1]
+client = MlflowClient(tracking_uri=uri)
+run = client.create_run(client.create_experiment("before-upgrade"), run_name="old")
+client.log_batch(run.info.run_id, metrics=[Metric("val_loss", 1.0 / s, 0, s) for s in (1, 2, 3)])
+client.set_terminated(run.info.run_id)
+engine = sqlalchemy.create_engine(uri)
+head = _get_schema_version(engine)
+with engine.begin() as conn:
+    config = _get_alembic_config(str(engine.url))
+    config.attributes["connection"] = conn
+    command.downgrade(config, "-1")
+print(run.info.run_id, head, _get_schema_version(engine))
+"""
+
+
+def test_server_upgrades_a_database_of_the_previous_schema(tmp_path):
+    """The entrypoint runs `mlflow db upgrade`: a bumped MLflow pin starts on an old database
+    and serves the runs it holds. (MLflow 3.17's server also heals this particular database by
+    itself, since the newest migration adds tables; a migration that only alters columns makes
+    it refuse to start, which the entrypoint's upgrade prevents.)"""
+    db = tmp_path / "mlflow" / "db" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    made = subprocess.run([sys.executable, "-c", OLD_SCHEMA, f"sqlite:///{db}"],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert made.returncode == 0, made.stderr[-3000:]
+    run_id, head, old = made.stdout.split()[-3:]
+    assert old != head
+
+    port = free_port()
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TINYTALE_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               TMPDIR=str(tmp_path / "tmp"), TINYTALE_MLFLOW_HOME=str(tmp_path / "mlflow"),
+               TINYTALE_MLFLOW_PORT=str(port), TINYTALE_MLFLOW_WORKERS="1",
+               MLFLOW_SERVER_ALLOWED_HOSTS=f"127.0.0.1:{port}")
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(["bash", str(SERVER)], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(
+                        f"{base}/metrics/get-history?run_id={run_id}&metric_key=val_loss",
+                        timeout=5) as response:
+                    history = json.load(response)["metrics"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    assert sorted(m["step"] for m in history) == [1, 2, 3]
+    version = sqlite3.connect(db).execute("SELECT version_num FROM alembic_version").fetchall()
+    assert version == [(head,)]
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("postgresql://mlflow:hunter2@db:5432/mlflow", "holds a password"),
+    ("mysql://mlflow@db/mlflow", "is neither sqlite:////ABSOLUTE/PATH nor postgresql://"),
+    ("sqlite:///relative.db", "is neither sqlite:////ABSOLUTE/PATH nor postgresql://"),
+])
+def test_server_refuses_a_database_uri_it_cannot_use_safely(tmp_path, uri, message):
+    env = {**os.environ, "TINYTALE_MLFLOW_DATABASE_URI": uri,
+           "MLFLOW_SERVER_ALLOWED_HOSTS": "localhost:*", "TINYTALE_MLFLOW_HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(SERVER)], env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("mlflow-server: ERROR: TINYTALE_MLFLOW_DATABASE_URI") and message in line
+    assert list(tmp_path.iterdir()) == []  # refused before anything was created
