@@ -3,6 +3,7 @@ repositories, and the MLflow server's access log on a real `mlflow server`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,9 +75,10 @@ def put(url: str, body: bytes) -> int:
         return err.code
 
 
-def test_server_logs_only_requests_it_failed(tmp_path):
-    """Successes (artifact uploads, /health) and client errors (404) leave no access line; a
-    request the server fails does, since MLflow may answer it without logging anything."""
+@contextlib.contextmanager
+def script_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """docker/mlflow-server.sh on a free port with its state in tmp_path/mlflow, once /health
+    answers: (base URL, log file). Stopped on exit."""
     port = free_port()
     (tmp_path / "tmp").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TINYTALE_"))}
@@ -88,7 +91,6 @@ def test_server_logs_only_requests_it_failed(tmp_path):
         server = subprocess.Popen(["bash", str(SERVER)], env=env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    artifacts = f"{base}/api/2.0/mlflow-artifacts/artifacts"
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -99,6 +101,17 @@ def test_server_logs_only_requests_it_failed(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.3)
+        yield base, log
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def test_server_logs_only_requests_it_failed(tmp_path):
+    """Successes (artifact uploads, /health) and client errors (404) leave no access line; a
+    request the server fails does, since MLflow may answer it without logging anything."""
+    with script_server(tmp_path) as (base, log):
+        artifacts = f"{base}/api/2.0/mlflow-artifacts/artifacts"
         assert put(f"{artifacts}/upload.txt", b"a story") == 200
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get?experiment_id=4242",
@@ -109,9 +122,6 @@ def test_server_logs_only_requests_it_failed(tmp_path):
         deadline = time.monotonic() + 10
         while "inside.txt" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
     text = log.read_text()
     assert '"PUT /api/2.0/mlflow-artifacts/artifacts/upload.txt/inside.txt HTTP/1.1" 500' in text
     assert "NotADirectoryError" in text  # and the traceback
@@ -169,34 +179,11 @@ def test_server_upgrades_a_database_of_the_previous_schema(tmp_path):
     run_id, head, old = made.stdout.split()[-3:]
     assert old != head
 
-    port = free_port()
-    (tmp_path / "tmp").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TINYTALE_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               TMPDIR=str(tmp_path / "tmp"), TINYTALE_MLFLOW_HOME=str(tmp_path / "mlflow"),
-               TINYTALE_MLFLOW_PORT=str(port), TINYTALE_MLFLOW_WORKERS="1",
-               MLFLOW_SERVER_ALLOWED_HOSTS=f"127.0.0.1:{port}")
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(["bash", str(SERVER)], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(
-                        f"{base}/metrics/get-history?run_id={run_id}&metric_key=val_loss",
-                        timeout=5) as response:
-                    history = json.load(response)["metrics"]
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.3)
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    with script_server(tmp_path) as (base, _):
+        query = f"run_id={run_id}&metric_key=val_loss"
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/metrics/get-history?{query}",
+                                    timeout=30) as response:
+            history = json.load(response)["metrics"]
     assert sorted(m["step"] for m in history) == [1, 2, 3]
     version = sqlite3.connect(db).execute("SELECT version_num FROM alembic_version").fetchall()
     assert version == [(head,)]
