@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
                 sqlite3.connect(copy) as dst:
             src.backup(dst)
         upgrade(f"sqlite:///{copy}")
-        upgrade(target_uri)
+        # The target: mlflow-server.sh upgraded it just before running this.
         target = sa.create_engine(target_uri)
         check_target_is_new(target)
         copied = copy_rows(sa.create_engine(f"sqlite:///{copy}"), target)

@@ -322,12 +322,83 @@ def test_containers_run_unprivileged_and_publish_on_loopback(stack: Stack) -> No
     assert published == [f"127.0.0.1:{stack.port}"], published
 
 
+def _psql(stack: Stack, sql: str) -> str:
+    """One query in the database container, as the MLflow user over the local socket."""
+    return stack.compose("exec", "-T", "db", "psql", "--username", "mlflow", "--dbname",
+                         "mlflow", "--tuples-only", "--no-align", "--command", sql).stdout.strip()
+
+
+def test_runs_live_in_postgresql(stack: Stack) -> None:
+    """The server's backend is the database container, not a SQLite file in its volume."""
+    run_id = _finished_run(stack)["info"]["run_id"]
+    assert _psql(stack, f"SELECT status FROM runs WHERE run_uuid = '{run_id}'") == "FINISHED"
+    epochs = _lesson_epochs()
+    count = _psql(stack, f"SELECT count(*) FROM metrics WHERE run_uuid = '{run_id}' "
+                         "AND key = 'val_loss'")
+    assert int(count) == epochs
+    listing = stack.compose("exec", "-T", "mlflow", "ls", "-A", "/mlflow/db").stdout.split()
+    assert "mlflow.db" not in listing, listing
+
+
+def _inspect(container: str, template: str) -> str:
+    return subprocess.run(["docker", "inspect", "--format", template, container],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_database_is_reachable_only_from_the_mlflow_server(stack: Stack) -> None:
+    db, mlflow = stack.container("db"), stack.container("mlflow")
+    assert _inspect(db, "{{json .NetworkSettings.Ports}}") in ("{}", "null")
+    db_networks = set(json.loads(_inspect(db, "{{json .NetworkSettings.Networks}}")))
+    assert db_networks == {f"{stack.project}_database"}, db_networks
+    mlflow_networks = set(json.loads(_inspect(mlflow, "{{json .NetworkSettings.Networks}}")))
+    assert db_networks < mlflow_networks, mlflow_networks
+    internal = subprocess.run(["docker", "network", "inspect", "--format", "{{.Internal}}",
+                               f"{stack.project}_database"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert internal == "true"
+    probe = ("import socket\ntry:\n    socket.create_connection(('db', 5432), timeout=5)\n"
+             "    print('reached')\nexcept OSError as e:\n    print('unreachable', e)")
+    from_server = stack.compose("exec", "-T", "mlflow", "python", "-c", probe).stdout
+    assert from_server.startswith("reached"), from_server
+    from_trainer = stack.compose("run", "--rm", "--no-deps", "--entrypoint", "python",
+                                 "trainer", "-c", probe).stdout
+    assert from_trainer.startswith("unreachable"), from_trainer
+
+
+def test_services_restart_after_a_crash_and_the_trainer_does_not(stack: Stack) -> None:
+    policies = {s: _inspect(stack.container(s), "{{.HostConfig.RestartPolicy.Name}}")
+                for s in ("db", "mlflow", "trainer")}
+    assert policies == {"db": "unless-stopped", "mlflow": "unless-stopped", "trainer": "no"}
+    # A crash of the server (SIGKILL, as the OOM killer sends it) comes back by itself. Not
+    # `docker kill`: the engine counts that as a manual stop and restarts nothing.
+    mlflow = stack.container("mlflow")
+    restarts = int(_inspect(mlflow, "{{.RestartCount}}"))
+    crash = ("import os, signal; "  # the server is the one child of the container's init
+             "os.kill(int(open('/proc/1/task/1/children').read().split()[0]), signal.SIGKILL)")
+    stack.compose("exec", "-T", "mlflow", "python", "-c", crash)
+    deadline = time.monotonic() + 180
+    while _inspect(mlflow, "{{.State.Health.Status}}") != "healthy" or \
+            int(_inspect(mlflow, "{{.RestartCount}}")) == restarts:
+        assert time.monotonic() < deadline, f"the server did not come back\n{stack.logs()}"
+        time.sleep(1)
+    assert _finished_run(stack)["info"]["status"] == "FINISHED"
+
+
+def _registered_champion(stack: Stack) -> str:
+    name = _lesson_tracking()["registered_model"]
+    return stack.api("registered-models/alias", name=name, alias="champion")[
+        "model_version"]["run_id"]
+
+
 def test_runs_survive_compose_down(stack: Stack) -> None:
-    """`down` keeps the named volumes: the server comes back with the same run."""
+    """`down` keeps the named volumes: the server comes back with the same run, its metrics,
+    its registered version and the `champion` alias."""
     run_id = _finished_run(stack)["info"]["run_id"]
     stack.compose("down", timeout=300)
     stack.compose("up", "--detach", "--wait", "mlflow", timeout=300)
     assert _finished_run(stack)["info"]["run_id"] == run_id
+    assert len(_epochs_logged(stack, run_id)) == _lesson_epochs()
+    assert _registered_champion(stack) == run_id
 
 
 def _runs_of(stack: Stack, experiment: str) -> list[dict[str, Any]]:
@@ -355,34 +426,45 @@ def test_compose_run_trains_any_experiment(stack: Stack) -> None:
     assert _epochs_logged(stack, summary["run_id"]) == [1, 2]
 
 
-def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) -> None:
-    """SIGTERM from the engine (what `docker compose stop` sends) within the grace period."""
-    name = f"{stack.project}-stopme"
-    args = ["--experiment", "e2e-stop", "--run-name", "e2e-stop"]
-    # Held at micro-batch 1 of epoch 2 (tests/hold) until the SIGTERM lands: a fast machine
-    # cannot finish the run first. The hold lets go when tinytale's handler asks to stop.
+def _run_held_trainer(stack: Stack, name: str, *args: str, env: tuple[str, ...] = ()) -> None:
+    """`compose run` a trainer held at micro-batch 1 of epoch 2 (tests/hold) until a signal
+    or a `release` file: a fast machine cannot finish the run before the test acts."""
     stack.compose(
-        "run", "--detach", "--name", name, "-e", "TINYTALE_TRACKING_FLUSH_S=0.5",
+        "run", "--detach", "--name", name, "-e", "TINYTALE_TRACKING_FLUSH_S=0.5", *env,
         "-v", f"{REPO / 'tests' / 'hold'}:/hold:ro", "-e", "PYTHONPATH=/hold",
         "-e", "TINYTALE_TEST_HOLD=2:1", "-e", "TINYTALE_TEST_HOLD_DIR=/tmp/hold", "trainer",
         "train", "--set", "train.epochs=4", *args,
     )
+
+
+def _wait_until_held_after_epoch_1(stack: Stack, name: str, experiment: str) -> str:
+    """Until the trainer is held and epoch 1 reached the server; returns the run id."""
+    deadline = time.monotonic() + 300
+    while "held-" not in subprocess.run(
+            ["docker", "exec", name, "ls", "/tmp/hold"], capture_output=True, text=True,
+            check=False).stdout:
+        assert time.monotonic() < deadline, f"the trainer was not held\n{stack.logs()}"
+        time.sleep(0.5)
+    while True:  # until epoch 1 reached the server: the run is well under way
+        assert time.monotonic() < deadline, f"no epoch logged in 300 s\n{stack.logs()}"
+        try:
+            runs = _runs_of(stack, experiment)
+        except urllib.error.HTTPError:  # the experiment does not exist yet
+            runs = []
+        if runs and _epochs_logged(stack, runs[0]["info"]["run_id"]):
+            return runs[0]["info"]["run_id"]
+        time.sleep(0.5)
+
+
+def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) -> None:
+    """SIGTERM from the engine (what `docker compose stop` sends) within the grace period."""
+    name = f"{stack.project}-stopme"
+    args = ["--experiment", "e2e-stop", "--run-name", "e2e-stop"]
+    # Held in epoch 2 until the SIGTERM lands; the hold lets go when tinytale's handler asks
+    # to stop.
+    _run_held_trainer(stack, name, *args)
     try:
-        deadline = time.monotonic() + 300
-        while "held-" not in subprocess.run(
-                ["docker", "exec", name, "ls", "/tmp/hold"], capture_output=True, text=True,
-                check=False).stdout:
-            assert time.monotonic() < deadline, f"the trainer was not held\n{stack.logs()}"
-            time.sleep(0.5)
-        while True:  # until epoch 1 reached the server: the run is well under way
-            assert time.monotonic() < deadline, f"no epoch logged in 300 s\n{stack.logs()}"
-            try:
-                runs = _runs_of(stack, "e2e-stop")
-            except urllib.error.HTTPError:  # the experiment does not exist yet
-                runs = []
-            if runs and _epochs_logged(stack, runs[0]["info"]["run_id"]):
-                break
-            time.sleep(0.5)
+        _wait_until_held_after_epoch_1(stack, name, "e2e-stop")
         start = time.monotonic()
         subprocess.run(["docker", "stop", "--time", "30", name], check=True,
                        capture_output=True, timeout=120)
@@ -408,6 +490,42 @@ def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) 
     (run,) = _runs_of(stack, "e2e-stop")
     assert run["info"]["status"] == "FINISHED"
     assert _epochs_logged(stack, run_id) == [1, 2, 3, 4]
+
+
+def test_database_restart_mid_run_loses_no_metric(stack: Stack) -> None:
+    """The database goes away while a trainer logs epochs 2-4: the server answers with errors,
+    the trainer's spool keeps every record, and replays them once the database is back."""
+    name = f"{stack.project}-dbrestart"
+    experiment = "e2e-db-restart"
+    args = ["--experiment", experiment, "--run-name", experiment]
+    # finish() waits for the server up to TINYTALE_TRACKING_WAIT_S: longer than the outage.
+    _run_held_trainer(stack, name, *args, env=("-e", "TINYTALE_TRACKING_WAIT_S=300"))
+    try:
+        run_id = _wait_until_held_after_epoch_1(stack, name, experiment)
+        stack.compose("stop", "db", timeout=120)
+        subprocess.run(["docker", "exec", name, "touch", "/tmp/hold/release"], check=True,
+                       capture_output=True, timeout=60)
+        deadline = time.monotonic() + 300
+        while "cannot log to MLflow" not in (logs := subprocess.run(
+                ["docker", "logs", name], capture_output=True, text=True,
+                check=False).stderr):
+            assert time.monotonic() < deadline, f"the trainer never missed the database\n{logs}"
+            time.sleep(0.5)
+        stack.compose("start", "db", timeout=120)
+        code = int(subprocess.run(["docker", "wait", name], capture_output=True, text=True,
+                                  check=True, timeout=TRAIN_TIMEOUT_S).stdout.strip())
+        logs = subprocess.run(["docker", "logs", "--tail", "40", name], capture_output=True,
+                              text=True, check=False).stderr
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+        stack.compose("start", "db", timeout=120, check=False)
+    assert code == 0, f"the trainer exited {code}\n{logs}"
+    (run,) = _runs_of(stack, experiment)
+    assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
+    for key in ("train_loss", "val_loss"):
+        history = stack.api("metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
+        # Each epoch once: nothing lost while the database was down, nothing sent twice.
+        assert sorted(m["step"] for m in history) == [1, 2, 3, 4], (key, history)
 
 
 def test_sweep_launch_runs_points_in_containers(stack: Stack, tmp_path: Path) -> None:
@@ -447,6 +565,46 @@ def test_sweep_launch_runs_points_in_containers(stack: Stack, tmp_path: Path) ->
     assert len(_runs_of(stack, "e2e-sweep")) == 3
 
 
+def _artifact_listing(stack: Stack, run_id: str) -> list[str]:
+    files = stack.api("artifacts/list", run_id=run_id).get("files", [])
+    return sorted(f["path"] for f in files)
+
+
+def test_backup_and_restore_of_the_stack(stack: Stack, tmp_path: Path) -> None:
+    """The README's backup (pg_dump + a tar of the artifacts volume) and restore into a stack
+    whose volumes were deleted: the runs, metrics, alias and artifacts are all back."""
+    run_id = _finished_run(stack)["info"]["run_id"]
+    artifacts = _artifact_listing(stack, run_id)
+    assert artifacts, "the lesson run has artifacts to back up"
+    dump, tarball = tmp_path / "mlflow.dump", tmp_path / "artifacts.tar"
+    with open(dump, "wb") as out:
+        subprocess.run(["docker", "compose", "--project-directory", str(REPO), "exec", "-T", "db",
+                        "pg_dump", "--username", "mlflow", "--format", "custom", "mlflow"],
+                       cwd=REPO, env=stack.env, stdout=out, check=True, timeout=300)
+    with open(tarball, "wb") as out:
+        subprocess.run(["docker", "compose", "--project-directory", str(REPO), "exec", "-T",
+                        "mlflow", "tar", "-C", "/mlflow", "-c", "artifacts"],
+                       cwd=REPO, env=stack.env, stdout=out, check=True, timeout=300)
+    assert dump.stat().st_size > 0 and tarball.stat().st_size > 0
+
+    stack.compose("down", "--volumes", timeout=300)  # everything gone
+    stack.compose("up", "--detach", "--wait", "db", timeout=300)
+    with open(dump, "rb") as source:
+        subprocess.run(["docker", "compose", "--project-directory", str(REPO), "exec", "-T", "db",
+                        "pg_restore", "--username", "mlflow", "--dbname", "mlflow",
+                        "--no-owner"], cwd=REPO, env=stack.env, stdin=source, check=True,
+                       timeout=300)
+    with open(tarball, "rb") as source:
+        subprocess.run(["docker", "compose", "--project-directory", str(REPO), "run", "--rm",
+                        "--no-deps", "-T", "--entrypoint", "tar", "mlflow", "-C", "/mlflow",
+                        "-x"], cwd=REPO, env=stack.env, stdin=source, check=True, timeout=300)
+    stack.compose("up", "--detach", "--wait", "mlflow", timeout=300)
+    assert _finished_run(stack)["info"]["run_id"] == run_id
+    assert len(_epochs_logged(stack, run_id)) == _lesson_epochs()
+    assert _registered_champion(stack) == run_id
+    assert _artifact_listing(stack, run_id) == artifacts
+
+
 def test_down_with_volumes_resets_everything(stack: Stack) -> None:
     """`docker compose down -v` (the README's reset) removes the project's named volumes."""
     def volumes() -> list[str]:
@@ -455,9 +613,82 @@ def test_down_with_volumes_resets_everything(stack: Stack) -> None:
              f"label=com.docker.compose.project={stack.project}"],
             capture_output=True, text=True, check=True).stdout.split()
 
-    assert len(volumes()) == 3, volumes()  # mlflow-db, mlflow-artifacts, checkpoints
+    # mlflow-postgres, mlflow-db, mlflow-artifacts, checkpoints
+    assert len(volumes()) == 4, volumes()
     stack.compose("down", "--volumes", timeout=300)
     assert volumes() == []
+
+
+# An MLflow SQLite database as a stack before PostgreSQL (or `mlflow ui` on a laptop) leaves it:
+# a run with params, tags and a metric history, a registered version with the champion alias.
+OLD_SQLITE_STACK = """
+import sys
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+uri = "sqlite:///" + sys.argv[1]
+client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+experiment = client.create_experiment("before-postgres")
+run = client.create_run(experiment, run_name="sqlite-era")
+run_id = run.info.run_id
+client.log_batch(run_id, metrics=[Metric("val_loss", 2.0 / s, 1000 * s, s) for s in range(1, 6)],
+                 params=[Param("lr", "0.003")], tags=[RunTag("tinytale.sweep", "old")])
+client.set_terminated(run_id)
+client.create_registered_model("sqlite-era-model")
+version = client.create_model_version("sqlite-era-model", f"runs:/{run_id}/model", run_id=run_id)
+client.set_registered_model_alias("sqlite-era-model", "champion", version.version)
+print(run_id)
+"""
+
+
+def test_runs_of_a_sqlite_stack_move_to_postgresql(
+    docker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """README "Moving from SQLite": the old mlflow.db in the mlflow-db volume is copied into a
+    new stack's PostgreSQL by `docker compose run -e TINYTALE_MLFLOW_MIGRATE_FROM=... mlflow`."""
+    old_db = tmp_path / "mlflow.db"
+    made = subprocess.run([sys.executable, "-c", OLD_SQLITE_STACK, str(old_db)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert made.returncode == 0, made.stderr[-3000:]
+    run_id = made.stdout.split()[-1]
+    old_db.chmod(0o644)  # read by uid 10001 in the container
+    port = _free_port()
+    project = f"tinytale-e2e-migrate-{os.getpid()}"
+    env = {**docker_env, "COMPOSE_PROJECT_NAME": project, "TINYTALE_MLFLOW_PORT": str(port)}
+    stack = Stack(project, port, env, {})
+    migrate = ("run", "--rm", "-e", "TINYTALE_MLFLOW_MIGRATE_FROM=/mlflow/db/mlflow.db", "mlflow")
+    try:
+        stack.compose("up", "--detach", "--wait", "mlflow", timeout=BUILD_TIMEOUT_S)
+        # Where the stack before PostgreSQL kept it: /mlflow/db in the mlflow-db volume.
+        stack.compose("cp", str(old_db), "mlflow:/mlflow/db/mlflow.db")
+        done = stack.compose(*migrate, timeout=300)
+        copied = json.loads(done.stdout.strip().splitlines()[-1])["copied_rows"]
+        assert copied["runs"] == 1 and copied["metrics"] == 5, copied
+
+        (run,) = _runs_of(stack, "before-postgres")
+        assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
+        assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"lr": "0.003"}
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["tinytale.sweep"] == "old"
+        history = stack.api("metrics/get-history", run_id=run_id, metric_key="val_loss")
+        assert [m["step"] for m in history["metrics"]] == [1, 2, 3, 4, 5]
+        alias = stack.api("registered-models/alias", name="sqlite-era-model", alias="champion")
+        assert alias["model_version"]["run_id"] == run_id
+        # New experiments get ids past the copied ones (PostgreSQL's sequences were moved).
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/create",
+            data=json.dumps({"name": "after-postgres"}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.load(response)["experiment_id"] != run["info"]["experiment_id"]
+
+        # A second copy would mix two histories: refused with one sentence, nothing changed.
+        again = stack.compose(*migrate, timeout=300, check=False)
+        assert again.returncode == 2, again.stderr[-2000:]
+        assert "already holds 1 runs" in again.stderr
+        assert len(_runs_of(stack, "before-postgres")) == 1
+    finally:
+        stack.compose("down", "--volumes", "--remove-orphans", timeout=300, check=False)
 
 
 def test_gpu_profile_config_is_valid(docker_env: dict[str, str]) -> None:
