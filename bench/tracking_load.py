@@ -22,9 +22,12 @@ Per backend and N it reports:
     .venv/bin/python bench/tracking_load.py --build
     .venv/bin/python bench/tracking_load.py --trainers 1 4 16 --workers 4 --json
 
-Both backends run the same image, settings and load, one after the other (the stacks do not
-compete for the CPU), in one invocation. The trainers run on the same machine as the server,
-over loopback: on a small machine they share its cores, which the table's CPU line says.
+Both backends run the same image, settings and load in one invocation: both stacks are up
+at once, and each repetition measures every N on one backend then the other (the order swaps
+each repetition), so a slow phase of a shared machine hits both alike; the table shows the
+median over repetitions (lost and duplicated: the sum). The trainers run on the same machine
+as the server, over loopback: on a small machine they share its cores, which the table's CPU
+line says.
 """
 
 from __future__ import annotations
@@ -143,10 +146,11 @@ def history_counts(url: str, run_id: str, key: str) -> tuple[int, int]:
 
 
 def load(stack: Stack, n: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """One measurement: n trainers at once against the stack, then the histories checked."""
     ctx = multiprocessing.get_context("fork")  # tinytale and mlflow imported once, here
     start, results = ctx.Event(), ctx.Queue()
     folder = tempfile.mkdtemp(prefix="tinytale-load-")
-    experiment = f"load-{tag}-n{n}"
+    experiment = f"load-{tag}-n{n}-{time.time_ns()}"
     procs = [ctx.Process(target=trainer, args=(i, stack.url, experiment, args, folder, start,
                                                results)) for i in range(n)]
     for p in procs:
@@ -180,6 +184,18 @@ def load(stack: Stack, n: int, args: argparse.Namespace, tag: str) -> dict[str, 
     }
 
 
+def summarise(backend: str, n: int, workers: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the repetitions; lost and duplicated summed (each must stay 0)."""
+    row: dict[str, Any] = {"backend": backend, "workers": workers, "trainers": n,
+                           "repeats": len(runs)}
+    for key in ("accepted_per_s", "offered_per_s", "p50_ms", "p95_ms", "backlog_at_end",
+                "elapsed_s"):
+        row[key] = round(statistics.median(r[key] for r in runs), 1)
+    row["lost"] = sum(r["lost"] for r in runs)
+    row["duplicated"] = sum(r["duplicated"] for r in runs)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trainers", type=int, nargs="+", default=[1, 4, 16])
@@ -190,6 +206,7 @@ def main() -> None:
     parser.add_argument("--step-s", type=float, default=0.01, help="seconds between steps")
     parser.add_argument("--flush-s", type=float, default=1.0,
                         help="the tracker's send interval (TINYTALE_TRACKING_FLUSH_S)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per backend and N")
     parser.add_argument("--build", action="store_true", help="docker compose build mlflow first")
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
     args = parser.parse_args()
@@ -202,25 +219,31 @@ def main() -> None:
 
     if args.build:
         Stack("postgresql", args.workers).compose("build", "mlflow")
-    rows = []
-    for backend in args.backends:
-        with Stack(backend, args.workers) as stack:
+    measured: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with contextlib.ExitStack() as stacks:
+        up = {b: stacks.enter_context(Stack(b, args.workers)) for b in args.backends}
+        for repetition in range(args.repeats):
+            order = args.backends if repetition % 2 == 0 else args.backends[::-1]
             for n in args.trainers:
-                row = {"backend": backend, "workers": args.workers,
-                       **load(stack, n, args, backend)}
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                for backend in order:
+                    one = load(up[backend], n, args, backend)
+                    measured.setdefault((backend, n), []).append(one)
+                    print(json.dumps({"backend": backend, **one}), file=sys.stderr, flush=True)
+    rows = [summarise(backend, n, args.workers, measured[(backend, n)])
+            for backend in args.backends for n in args.trainers]
     cpu = cpu_model()
     print(f"tracking load, {time.strftime('%Y-%m-%d')}, {cpu} ({os.cpu_count()} CPUs), "
           f"server workers {args.workers}; each trainer {args.steps} steps x {args.keys} "
-          f"metrics every {args.step_s} s, sent every {args.flush_s} s")
+          f"metrics every {args.step_s} s, sent every {args.flush_s} s; median of "
+          f"{args.repeats}")
     header = ("backend", "N", "metrics/s", "offered/s", "p50 ms", "p95 ms", "backlog", "lost",
               "dup")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r['backend']} | {r['trainers']} | {r['accepted_per_s']} | "
-              f"{r['offered_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['backlog_at_end']} | "
+        print(f"| {r['backend']} | {r['trainers']} | {r['accepted_per_s']:.0f} | "
+              f"{r['offered_per_s']:.0f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+              f"{r['backlog_at_end']:.0f} | "
               f"{r['lost']} | {r['duplicated']} |")
     if args.json:
         print(json.dumps({"cpu": cpu, "workers": args.workers, "rows": rows}))
