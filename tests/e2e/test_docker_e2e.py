@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +24,15 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from support.compose_stack import BUILD_TIMEOUT_S, IN_CI, REPO, SETUP_SCRIPT, Stack, compose_env
+from support.server import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-SETUP_SCRIPT = REPO / "scripts" / "docker-offline.sh"
 LESSON = REPO / "experiments" / "lesson.yaml"
-IN_CI = os.environ.get("CI", "").lower() == "true"
-BUILD_TIMEOUT_S = 1200
 TRAIN_TIMEOUT_S = 900
 
 # Building both images on a fresh machine takes minutes; the module fixture counts toward
@@ -44,128 +40,16 @@ TRAIN_TIMEOUT_S = 900
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2 * BUILD_TIMEOUT_S)]
 
 
-def _docker_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    info = subprocess.run(["docker", "info"], capture_output=True, check=False)
-    return info.returncode == 0
-
-
-def _offline_env() -> dict[str, str]:
-    """Run the setup script (idempotent) and return the variables it prints."""
-    done = subprocess.run(
-        ["bash", str(SETUP_SCRIPT)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=BUILD_TIMEOUT_S,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"{SETUP_SCRIPT.name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    env = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("export ") and "=" in line:
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = value
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def docker_env() -> dict[str, str]:
     """The environment for `docker compose`: an engine, compose v2 and the build arguments."""
-    online = os.environ.get("TINYTALE_E2E_ONLINE") == "1"
-    if not _docker_answers() and not IN_CI:
-        pytest.skip(
-            "no Docker engine answers `docker info`: start one (scripts/docker-offline.sh "
-            "does on Debian); under CI=true this is a failure"
-        )
-    env = dict(os.environ)
-    if not online:
-        env.update(_offline_env())  # under CI=true this installs and starts the engine too
-    if not _docker_answers():
-        pytest.fail("no Docker engine answers `docker info`, and CI=true requires one")
-    return env
-
-
-@dataclass
-class Stack:
-    project: str
-    port: int
-    env: dict[str, str]
-    timings: dict[str, float]
-    trainer_exit_code: int | None = None
-
-    def compose(
-        self,
-        *args: str,
-        timeout: float = 300,
-        check: bool = True,
-    ) -> subprocess.CompletedProcess[str]:
-        argv = ["docker", "compose", "--project-directory", str(REPO), *args]
-        done = subprocess.run(
-            argv,
-            cwd=REPO,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and done.returncode != 0:
-            pytest.fail(
-                f"`{' '.join(argv)}` exited {done.returncode}:\n{done.stderr[-4000:]}"
-                f"\n{self.logs()}"
-            )
-        return done
-
-    def logs(self) -> str:
-        argv = [
-            "docker",
-            "compose",
-            "--project-directory",
-            str(REPO),
-            "logs",
-            "--no-color",
-            "--tail",
-            "60",
-        ]
-        done = subprocess.run(
-            argv, cwd=REPO, env=self.env, capture_output=True, text=True, check=False, timeout=60
-        )
-        return f"--- compose logs ---\n{done.stdout[-6000:]}{done.stderr[-2000:]}"
-
-    def container(self, service: str) -> str:
-        return self.compose("ps", "--all", "--quiet", service).stdout.strip()
-
-    def api(self, endpoint: str, **params: Any) -> dict[str, Any]:
-        """GET one MLflow REST endpoint from the host, the way a browser reaches the UI."""
-        query = urllib.parse.urlencode(params, doseq=True)
-        url = f"http://127.0.0.1:{self.port}/api/2.0/mlflow/{endpoint}?{query}"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return json.load(response)
-
-    def search_runs(self, experiment_id: str) -> list[dict[str, Any]]:
-        body = json.dumps({"experiment_ids": [experiment_id], "max_results": 100}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/api/2.0/mlflow/runs/search",
-            data=body,
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response).get("runs", [])
+    return compose_env()
 
 
 @pytest.fixture(scope="module")
 def stack(docker_env: dict[str, str]) -> Iterator[Stack]:
     """`docker compose up` of a project of its own; torn down with its volumes afterwards."""
-    port = _free_port()
+    port = free_port()
     project = f"tinytale-e2e-{os.getpid()}"
     env = {**docker_env, "COMPOSE_PROJECT_NAME": project, "TINYTALE_MLFLOW_PORT": str(port)}
     stack = Stack(project, port, env, {})
@@ -401,11 +285,6 @@ def test_runs_survive_compose_down(stack: Stack) -> None:
     assert _registered_champion(stack) == run_id
 
 
-def _runs_of(stack: Stack, experiment: str) -> list[dict[str, Any]]:
-    found = stack.api("experiments/get-by-name", experiment_name=experiment)["experiment"]
-    return stack.search_runs(found["experiment_id"])
-
-
 def _epochs_logged(stack: Stack, run_id: str) -> list[int]:
     history = stack.api("metrics/get-history", run_id=run_id, metric_key="val_loss")
     return sorted(m["step"] for m in history.get("metrics", []))
@@ -420,7 +299,7 @@ def test_compose_run_trains_any_experiment(stack: Stack) -> None:
     )
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["epochs"] == 2 and summary["run_id"], summary
-    (run,) = _runs_of(stack, "e2e-run")
+    (run,) = stack.runs_of("e2e-run")
     assert run["info"]["run_id"] == summary["run_id"]
     assert run["info"]["status"] == "FINISHED"
     assert _epochs_logged(stack, summary["run_id"]) == [1, 2]
@@ -448,7 +327,7 @@ def _wait_until_held_after_epoch_1(stack: Stack, name: str, experiment: str) -> 
     while True:  # until epoch 1 reached the server: the run is well under way
         assert time.monotonic() < deadline, f"no epoch logged in 300 s\n{stack.logs()}"
         try:
-            runs = _runs_of(stack, experiment)
+            runs = stack.runs_of(experiment)
         except urllib.error.HTTPError:  # the experiment does not exist yet
             runs = []
         if runs and _epochs_logged(stack, runs[0]["info"]["run_id"]):
@@ -477,7 +356,7 @@ def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) 
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
     assert code == 143, f"the trainer exited {code} after SIGTERM\n{logs}"
     assert stopped_in < 30, f"stopping took {stopped_in:.1f} s, past stop_grace_period"
-    (run,) = _runs_of(stack, "e2e-stop")
+    (run,) = stack.runs_of("e2e-stop")
     run_id = run["info"]["run_id"]
     assert run["info"]["status"] == "KILLED", run["info"]
     before = _epochs_logged(stack, run_id)
@@ -487,7 +366,7 @@ def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) 
                          "--json", timeout=TRAIN_TIMEOUT_S)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["run_id"] == run_id, "the resumed run is not the stopped one"
-    (run,) = _runs_of(stack, "e2e-stop")
+    (run,) = stack.runs_of("e2e-stop")
     assert run["info"]["status"] == "FINISHED"
     assert _epochs_logged(stack, run_id) == [1, 2, 3, 4]
 
@@ -520,7 +399,7 @@ def test_database_restart_mid_run_loses_no_metric(stack: Stack) -> None:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
         stack.compose("start", "db", timeout=120, check=False)
     assert code == 0, f"the trainer exited {code}\n{logs}"
-    (run,) = _runs_of(stack, experiment)
+    (run,) = stack.runs_of(experiment)
     assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
     for key in ("train_loss", "val_loss"):
         history = stack.api("metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
@@ -549,7 +428,7 @@ def test_sweep_launch_runs_points_in_containers(stack: Stack, tmp_path: Path) ->
 
     result = sweep_once()
     assert [p["status"] for p in result["points"]] == ["FINISHED", "FINISHED"], result
-    runs = {r["info"]["run_id"]: r for r in _runs_of(stack, "e2e-sweep")}
+    runs = {r["info"]["run_id"]: r for r in stack.runs_of("e2e-sweep")}
     parent = runs.pop(result["parent_run_id"])
     assert parent["info"]["run_name"] == "e2e-sweep"
     assert len(runs) == 2
@@ -562,7 +441,7 @@ def test_sweep_launch_runs_points_in_containers(stack: Stack, tmp_path: Path) ->
     # Again: both points finished, so no container trains.
     again = sweep_once()
     assert [p["status"] for p in again["points"]] == ["SKIPPED", "SKIPPED"], again
-    assert len(_runs_of(stack, "e2e-sweep")) == 3
+    assert len(stack.runs_of("e2e-sweep")) == 3
 
 
 def _artifact_listing(stack: Stack, run_id: str) -> list[str]:
@@ -619,78 +498,6 @@ def test_down_with_volumes_resets_everything(stack: Stack) -> None:
     assert volumes() == []
 
 
-# An MLflow SQLite database as a stack before PostgreSQL (or `mlflow ui` on a laptop) leaves it:
-# a run with params, tags and a metric history, a registered version with the champion alias.
-OLD_SQLITE_STACK = """
-import sys
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
-
-uri = "sqlite:///" + sys.argv[1]
-client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-experiment = client.create_experiment("before-postgres")
-run = client.create_run(experiment, run_name="sqlite-era")
-run_id = run.info.run_id
-client.log_batch(run_id, metrics=[Metric("val_loss", 2.0 / s, 1000 * s, s) for s in range(1, 6)],
-                 params=[Param("lr", "0.003")], tags=[RunTag("tinytale.sweep", "old")])
-client.set_terminated(run_id)
-client.create_registered_model("sqlite-era-model")
-version = client.create_model_version("sqlite-era-model", f"runs:/{run_id}/model", run_id=run_id)
-client.set_registered_model_alias("sqlite-era-model", "champion", version.version)
-print(run_id)
-"""
-
-
-def test_runs_of_a_sqlite_stack_move_to_postgresql(
-    docker_env: dict[str, str], tmp_path: Path
-) -> None:
-    """README "Moving from SQLite": the old mlflow.db in the mlflow-db volume is copied into a
-    new stack's PostgreSQL by `docker compose run -e TINYTALE_MLFLOW_MIGRATE_FROM=... mlflow`."""
-    old_db = tmp_path / "mlflow.db"
-    made = subprocess.run([sys.executable, "-c", OLD_SQLITE_STACK, str(old_db)],
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert made.returncode == 0, made.stderr[-3000:]
-    run_id = made.stdout.split()[-1]
-    old_db.chmod(0o644)  # read by uid 10001 in the container
-    port = _free_port()
-    project = f"tinytale-e2e-migrate-{os.getpid()}"
-    env = {**docker_env, "COMPOSE_PROJECT_NAME": project, "TINYTALE_MLFLOW_PORT": str(port)}
-    stack = Stack(project, port, env, {})
-    migrate = ("run", "--rm", "-e", "TINYTALE_MLFLOW_MIGRATE_FROM=/mlflow/db/mlflow.db", "mlflow")
-    try:
-        stack.compose("up", "--detach", "--wait", "mlflow", timeout=BUILD_TIMEOUT_S)
-        # Where the stack before PostgreSQL kept it: /mlflow/db in the mlflow-db volume.
-        stack.compose("cp", str(old_db), "mlflow:/mlflow/db/mlflow.db")
-        done = stack.compose(*migrate, timeout=300)
-        copied = json.loads(done.stdout.strip().splitlines()[-1])["copied_rows"]
-        assert copied["runs"] == 1 and copied["metrics"] == 5, copied
-
-        (run,) = _runs_of(stack, "before-postgres")
-        assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
-        assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"lr": "0.003"}
-        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-        assert tags["tinytale.sweep"] == "old"
-        history = stack.api("metrics/get-history", run_id=run_id, metric_key="val_loss")
-        assert [m["step"] for m in history["metrics"]] == [1, 2, 3, 4, 5]
-        alias = stack.api("registered-models/alias", name="sqlite-era-model", alias="champion")
-        assert alias["model_version"]["run_id"] == run_id
-        # New experiments get ids past the copied ones (PostgreSQL's sequences were moved).
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/create",
-            data=json.dumps({"name": "after-postgres"}).encode(),
-            headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            assert json.load(response)["experiment_id"] != run["info"]["experiment_id"]
-
-        # A second copy would mix two histories: refused with one sentence, nothing changed.
-        again = stack.compose(*migrate, timeout=300, check=False)
-        assert again.returncode == 2, again.stderr[-2000:]
-        assert "already holds 1 runs" in again.stderr
-        assert len(_runs_of(stack, "before-postgres")) == 1
-    finally:
-        stack.compose("down", "--volumes", "--remove-orphans", timeout=300, check=False)
-
-
 def test_gpu_profile_config_is_valid(docker_env: dict[str, str]) -> None:
     """The CUDA service validates and asks for GPUs; running it needs an NVIDIA host."""
     done = subprocess.run(
@@ -741,7 +548,7 @@ def auth_stack(
     secret = tmp_path_factory.mktemp("secret") / "mlflow-admin-password"
     secret.write_text(password + "\n")
     secret.chmod(0o644)  # bind-mounted as is: uid 10001 in the containers must read it
-    port = _free_port()
+    port = free_port()
     project = f"tinytale-e2e-auth-{os.getpid()}"
     env = {
         **docker_env,
