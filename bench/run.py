@@ -12,6 +12,9 @@ this one invocation, because shared machines are noisy. Sections (default: all b
   compare      `tinytale compare` on 50 runs x 100 epochs (bench/compare_runs.py)
   data-scale   tokens/s for 1 -> 100 MB corpora (bench/data_scale.py; --big adds 1 GB)
   docker       `docker compose up` from images built to registered model (needs an engine)
+  tracking-load  the stack's server under 1, 4, 16 concurrent trainers, SQLite vs PostgreSQL:
+               metrics/s, batch latency, spool backlog, lost/duplicated (bench/tracking_load.py;
+               needs an engine and the built images)
   gpu          GPT-2-small-sized model (experiments/gpt2_small.yaml) on one CUDA device:
                tokens/s and MFU, torch.compile vs eager (needs a GPU)
   precision    bf16 autocast and torch.compile vs the plain eager fp32 loop, 128 and 384
@@ -226,7 +229,9 @@ def previous_results(path: Path) -> list[dict]:
 
 def main() -> None:
     sections = ["lesson", "baby-gpt", "cpu-speed", "tracking", "compare", "data-scale", "docker",
-                "gpu", "precision", "startup", "time-to-quality"]
+                "gpu"]
+    sections.append("tracking-load")  # needs Docker, like `docker`: not a default section
+    sections += ["precision", "startup", "time-to-quality"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("only", nargs="*", metavar="SECTION",
                         help=f"some of: {', '.join(sections)} (default: all but docker and gpu)")
@@ -237,7 +242,7 @@ def main() -> None:
     unknown = set(args.only) - set(sections)
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; pick from {sections}")
-    chosen = args.only or [s for s in sections if s not in ("docker", "gpu")]
+    chosen = args.only or [s for s in sections if s not in ("docker", "gpu", "tracking-load")]
     results: list[dict] = []
     for section in chosen:
         print(f"== {section}", file=sys.stderr)
@@ -284,6 +289,8 @@ def run_section(section: str, args: argparse.Namespace) -> dict:
     if section == "data-scale":
         sizes = ["1", "10", "100"] + (["1000"] if args.big else [])
         return script_bench("data-scale", "data_scale.py", ["--sizes-mb", *sizes])
+    if section == "tracking-load":
+        return script_bench("tracking-load", "tracking_load.py", ["--json"])
     if section == "gpu":
         return gpu_bench(args.repeats)
     if section == "precision":

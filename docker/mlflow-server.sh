@@ -2,8 +2,11 @@
 # Start tinytale's MLflow tracking server: the ENTRYPOINT of docker/mlflow.Dockerfile, and the
 # same script on a host without Docker (tests/e2e/test_security.py runs it as a subprocess), so that
 # both start `mlflow server` with the same flags:
-#   SQLite runs database   $TINYTALE_MLFLOW_HOME/db/mlflow.db
-#   artifacts              $TINYTALE_MLFLOW_HOME/artifacts, served over HTTP (--serve-artifacts)
+#   runs database          $TINYTALE_MLFLOW_DATABASE_URI: PostgreSQL in compose.yaml; SQLite in
+#                          $TINYTALE_MLFLOW_HOME/db/mlflow.db by default. Brought to the installed
+#                          MLflow's schema (`mlflow db upgrade`) before every start.
+#   artifacts              $TINYTALE_MLFLOW_HOME/artifacts or an S3 bucket, served over HTTP
+#                          (--serve-artifacts)
 #   Host header check      --allowed-hosts "$MLFLOW_SERVER_ALLOWED_HOSTS", always explicit
 #   basic auth             with TINYTALE_MLFLOW_AUTH=1 (MLflow's `basic-auth` app)
 # Everything is configured by environment; the script takes no arguments. Every refusal is one
@@ -16,6 +19,17 @@
 #   MLFLOW_SERVER_CORS_ALLOWED_ORIGINS  optional; MLflow's default is localhost origins; `*` is
 #                                  refused.
 #   TINYTALE_MLFLOW_HOME           state folder (default /mlflow, the image's volumes)
+#   TINYTALE_MLFLOW_DATABASE_URI   the runs and registry database: sqlite:////abs/path.db
+#                                  (default $TINYTALE_MLFLOW_HOME/db/mlflow.db) or
+#                                  postgresql://USER@HOST:PORT/DB without a password (a URI is
+#                                  visible in `ps` and `docker inspect`); the password comes from
+#                                  TINYTALE_MLFLOW_DATABASE_PASSWORD_FILE (a compose secret),
+#                                  written to a mode-600 .pgpass file at start.
+#   TINYTALE_MLFLOW_MIGRATE_FROM   a SQLite MLflow database to copy into the (new, PostgreSQL)
+#                                  database instead of serving: docker/mlflow-migrate.py
+#   TINYTALE_MLFLOW_ARTIFACTS_DESTINATION  where the served artifacts are stored (default
+#                                  $TINYTALE_MLFLOW_HOME/artifacts); e.g. s3://bucket/prefix with
+#                                  AWS_* credentials and MLFLOW_S3_ENDPOINT_URL in the environment.
 #   TINYTALE_MLFLOW_HOST           interface to bind (default 127.0.0.1; the image sets 0.0.0.0,
 #                                  and compose publishes the port on the host's loopback only)
 #   TINYTALE_MLFLOW_PORT           port to listen on (default 5000)
@@ -157,14 +171,35 @@ NO_PERMISSIONS" ;;
     fi
 fi
 
+# ---- runs database ---------------------------------------------------------------------------
+database_uri=${TINYTALE_MLFLOW_DATABASE_URI:-}
+case $database_uri in
+    "" | sqlite:////*) ;;
+    postgresql://* | postgresql+psycopg://*)
+        # user:password@ in the authority part (before the first / after the scheme).
+        authority=${database_uri#*://}
+        authority=${authority%%/*}
+        [[ $authority != *:*@* ]] || die "TINYTALE_MLFLOW_DATABASE_URI holds a password, which \
+anyone who can run \`ps\` or \`docker inspect\` reads; remove it and put it in a file named by \
+TINYTALE_MLFLOW_DATABASE_PASSWORD_FILE" ;;
+    *) die "TINYTALE_MLFLOW_DATABASE_URI='$database_uri' is neither sqlite:////ABSOLUTE/PATH nor \
+postgresql://USER@HOST:PORT/DATABASE; use one of those forms" ;;
+esac
+database_password=""
+if [ -n "${TINYTALE_MLFLOW_DATABASE_PASSWORD_FILE:-}" ] && [[ $database_uri == postgresql* ]]; then
+    read_secret database_password TINYTALE_MLFLOW_DATABASE_PASSWORD
+fi
+
 command -v mlflow >/dev/null || die "no 'mlflow' on PATH (install mlflow[auth] or use the image)"
 
 # ---- storage (only once every check has passed) ---------------------------------------------
 mkdir -p "$home/db" "$home/artifacts" || die "cannot create $home/db and $home/artifacts"
 home=$(cd "$home" && pwd -P)
+database_uri=${database_uri:-sqlite:///$home/db/mlflow.db}
 args=(
-    --backend-store-uri "sqlite:///$home/db/mlflow.db"
-    --artifacts-destination "$home/artifacts" --serve-artifacts
+    --backend-store-uri "$database_uri"
+    --artifacts-destination "${TINYTALE_MLFLOW_ARTIFACTS_DESTINATION:-$home/artifacts}"
+    --serve-artifacts
     --host "$host" --port "$port" --workers "$workers"
     --allowed-hosts "$allowed_hosts"
 )
@@ -200,6 +235,35 @@ $(printf '%s' "$check" | tail -n 1))" ;;
     esac
 fi
 
+# ---- database: password file, schema upgrade (after every check, before serving) ------------
+if [ -n "$database_password" ]; then
+    # libpq reads the password from here (psycopg, for the upgrade and the server), so it is
+    # in no command line and no environment variable.
+    umask 077
+    pg_dir=$(mktemp -d "${TMPDIR:-/tmp}/tinytale-mlflow-pg.XXXXXX") \
+        || die "cannot create a folder under ${TMPDIR:-/tmp} for the database password"
+    escaped=${database_password//\\/\\\\}
+    printf '*:*:*:*:%s\n' "${escaped//:/\\:}" >"$pg_dir/pgpass"
+    umask 022
+    export PGPASSFILE=$pg_dir/pgpass
+fi
+unset TINYTALE_MLFLOW_DATABASE_PASSWORD database_password escaped
+# A new MLflow in the image may need a newer schema than the database has (the server refuses
+# to start on an out-of-date one); an empty database gets its tables here. Idempotent.
+log "upgrading the database schema if needed (${database_uri%%://*})"
+upgrade_log=$(mktemp "${TMPDIR:-/tmp}/tinytale-mlflow-db-upgrade.XXXXXX")
+mlflow db upgrade "$database_uri" >"$upgrade_log" 2>&1 \
+    || { tail -n 20 "$upgrade_log" >&2
+         die "\`mlflow db upgrade\` failed on ${database_uri%%://*} (its last lines are above); \
+is the database up, and is it one MLflow created?"; }
+rm -f "$upgrade_log"
+if [ -n "${TINYTALE_MLFLOW_MIGRATE_FROM:-}" ]; then
+    # A one-off `docker compose run`: copy an old SQLite database in, then exit (no server).
+    mlflow_python=$(dirname -- "$(command -v mlflow)")/python
+    [ -x "$mlflow_python" ] || mlflow_python=python3
+    exec "$mlflow_python" "$(dirname -- "$(readlink -f -- "$0")")/mlflow-migrate.py" \
+        "$TINYTALE_MLFLOW_MIGRATE_FROM" "$database_uri"
+fi
 if [ "$auth" = 1 ]; then
     umask 077
     conf_dir=$(mktemp -d "${TMPDIR:-/tmp}/tinytale-mlflow-auth.XXXXXX") \

@@ -1,6 +1,7 @@
-# The MLflow tracking server of the compose stack: SQLite runs database in /mlflow/db, artifacts
-# in /mlflow/artifacts, both served over HTTP (clients need no shared filesystem). Two workers:
-# enough for one trainer and a browser, and the server is healthy in half the time of four.
+# The MLflow tracking server of the compose stack: runs database in PostgreSQL (compose.yaml; SQLite
+# in /mlflow/db without it), artifacts in /mlflow/artifacts served over HTTP (clients need no
+# shared filesystem). Two workers by default (compose: TINYTALE_MLFLOW_WORKERS); see the README's
+# load table for what more buy.
 #   docker build -f docker/mlflow.Dockerfile -t tinytale-mlflow .
 # BASE_IMAGE and WHEELHOUSE mean what they mean in docker/Dockerfile.
 #
@@ -26,6 +27,8 @@ RUN useradd --create-home --uid 10001 --user-group mlflow \
     && mkdir -p /mlflow/db /mlflow/artifacts && chown -R mlflow:mlflow /mlflow
 COPY --from=build /opt/venv /opt/venv
 COPY docker/mlflow-server.sh /usr/local/bin/tinytale-mlflow-server
+# Next to the entrypoint, which runs it for TINYTALE_MLFLOW_MIGRATE_FROM.
+COPY docker/mlflow-migrate.py /usr/local/bin/mlflow-migrate.py
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MLFLOW_SERVER_ALLOWED_HOSTS=localhost:*,127.0.0.1:* \

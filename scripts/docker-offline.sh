@@ -7,8 +7,8 @@
 #   eval "$(scripts/docker-offline.sh)"   # every step below, then print the variables compose needs
 #   docker compose up                      # builds from the local base image and the wheelhouse
 #
-#   scripts/docker-offline.sh STEP...      # only these steps: engine compose base wheels
-#                                          # wheels-cuda env
+#   scripts/docker-offline.sh STEP...      # only these steps: engine compose base postgres
+#                                          # wheels wheels-cuda env
 #
 # In a `set -e` script, `eval "$(...)"` hides a failure of the script (eval of nothing succeeds);
 # there, write `exports=$(scripts/docker-offline.sh)` and then `eval "$exports"`.
@@ -21,6 +21,10 @@
 #   base     a Debian bookworm image with python3 + venv, made by debootstrap (installed with
 #            apt-get if missing) and `docker import`, tagged $TINYTALE_LOCAL_BASE_IMAGE
 #            (skipped when that tag exists).
+#   postgres the database image: PostgreSQL 15 (the major version Debian 12 ships, and the one
+#            compose.yaml names for online users, `postgres:15`) from bookworm's packages on top
+#            of the base image (docker/postgres.Dockerfile), tagged
+#            $TINYTALE_LOCAL_POSTGRES_IMAGE (rebuilt from the build cache when it exists).
 #   wheels   docker/wheels/: every wheel the cpu and MLflow images install (torch CPU, the
 #            pinned trainer and server requirements, the build backend), re-downloaded only
 #            when their docker/requirements-*.txt change. The images read it as build context.
@@ -40,6 +44,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 base_image=${TINYTALE_LOCAL_BASE_IMAGE:-tinytale-base:bookworm}
+postgres_image=${TINYTALE_LOCAL_POSTGRES_IMAGE:-tinytale-postgres:15}
 dockerd_log=${TINYTALE_DOCKERD_LOG:-/var/log/tinytale-dockerd.log}
 wheel_dir=$repo/docker/wheels
 python_version=3.11
@@ -141,6 +146,17 @@ step_base() {
     log "base: $base_image is $(docker image inspect -f '{{.Size}}' "$base_image") bytes"
 }
 
+step_postgres() {
+    # Built every time: the layers are cached (about 1 s), and an edited entrypoint is taken.
+    docker image inspect "$base_image" >/dev/null 2>&1 \
+        || die "postgres: the base image $base_image is missing; run the base step first"
+    log "postgres: building $postgres_image from Debian's postgresql-15"
+    # The build's apt-get reaches the Debian mirror over plain HTTP (no TLS to trust).
+    docker build --quiet --file "$repo/docker/postgres.Dockerfile" \
+        --build-arg "BASE_IMAGE=$base_image" --tag "$postgres_image" "$repo" >/dev/null \
+        || die "building $postgres_image failed (see the build output above)"
+}
+
 # Wheels for the images (Linux, CPython 3.11, this machine's architecture), not the host: every
 # manylinux tag that Debian bookworm's glibc (2.36, the base images') accepts.
 image_platforms() {
@@ -218,15 +234,16 @@ step_env() {
     # What compose.yaml reads for its build arguments (see the `args:` there).
     echo "export TINYTALE_BASE_IMAGE=$base_image"
     echo "export TINYTALE_WHEELHOUSE=/wheels"
+    echo "export TINYTALE_POSTGRES_IMAGE=$postgres_image"
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(engine compose base wheels env)
+[ ${#steps[@]} -gt 0 ] || steps=(engine compose base postgres wheels env)
 for s in "${steps[@]}"; do
     case $s in
-        engine | compose | base | wheels) timed "step_$s" ;;
+        engine | compose | base | postgres | wheels) timed "step_$s" ;;
         wheels-cuda) timed step_wheels_cuda ;;
         env) step_env ;;
-        *) die "unknown step '$s' (steps: engine compose base wheels wheels-cuda env)" ;;
+        *) die "unknown step '$s' (steps: engine compose base postgres wheels wheels-cuda env)" ;;
     esac
 done

@@ -146,14 +146,16 @@ def train(
         rank = int(os.environ.get("RANK", "0"))
         tracker = build_tracker(cfg, tracking_uri, no_tracking or rank != 0, quiet=rank != 0)
         # torch only now: a mistake in the input above is reported without loading it.
-        from tinytale.run import train_run
+        from tinytale.run import run_description, train_run
         from tinytale.train import StopRequest
 
         stop = StopRequest()
+        tags = {"mlflow.note.content": run_description(config, overrides),
+                **(_env_run_tags() or {})}
         with graceful_stop(stop):
             outcome = train_run(cfg, out, tracker, resume=resume, stop=stop,
                                 parent_run_id=os.environ.get("TINYTALE_PARENT_RUN_ID"),
-                                extra_tags=_env_run_tags())
+                                extra_tags=tags)
     summary = outcome.summary
     if rank != 0:
         pass  # under torchrun the summary is rank 0's: other ranks wrote no checkpoint
@@ -180,6 +182,13 @@ def _human_summary(summary: RunSummary) -> str:
         if summary.best_val_loss is not None else "no epoch finished",
         f"checkpoint: {summary.checkpoint}",
     ]
+    if summary.reference_losses:  # one line: when validation beat the no-training levels
+        beat = [f"the {level} level ({summary.reference_losses[level]:.4f}) at epoch {epoch}"
+                if epoch is not None else f"never the {level} level"
+                f" ({summary.reference_losses[level]:.4f})"
+                for level, epoch in (("unigram", summary.beat_unigram_epoch),
+                                     ("bigram", summary.beat_bigram_epoch))]
+        lines.insert(1, f"val loss beat {beat[0]}, {beat[1]}")
     if summary.run_url or summary.run_id:
         lines.append(f"mlflow run: {summary.run_url or summary.run_id}")
     registration = summary.registration
@@ -190,11 +199,15 @@ def _human_summary(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+# A trained model to read: what `generate` samples from and `export` converts.
+ModelSourceArgument = Annotated[str, typer.Argument(
+    help="A checkpoint file (best.pt), models:/NAME@ALIAS, models:/NAME/VERSION, "
+         "or an MLflow run id.")]
+
+
 @app.command()
 def generate(
-    source: Annotated[str, typer.Argument(
-        help="A checkpoint file (best.pt), models:/NAME@ALIAS, models:/NAME/VERSION, "
-             "or an MLflow run id.")],
+    source: ModelSourceArgument,
     prompt: Annotated[str, typer.Option(
         help="Text to continue; empty starts a new story.")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to add.")] = 200,
@@ -227,6 +240,30 @@ def generate(
         if i:
             typer.echo("---")
         typer.echo(text)
+
+
+@app.command()
+def export(
+    source: ModelSourceArgument,
+    out_dir: Annotated[Path, typer.Argument(
+        help="New (or empty) folder to write; written whole or not at all.")],
+    format_: Annotated[str, typer.Option(
+        "--format", help="hf: a transformers GPT2LMHeadModel folder with its "
+                         "tokenizer.")] = "hf",
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Write a trained model for other tools: --format hf loads with transformers'
+    AutoModelForCausalLM and AutoTokenizer (needs pip install 'tinytale[hf]')."""
+    with user_errors():
+        if format_ != "hf":
+            raise UserError(f"--format {format_} is unknown; use --format hf.")
+        from tinytale.export_hf import export_hf, require_writer  # torch: only here
+
+        require_writer()
+        exported = export_hf(resolve_model_source(source, tracking_uri), out_dir)
+    for warning in exported.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"wrote {exported.folder}: {', '.join(exported.files)}")
 
 
 def resolve_model_source(source: str, tracking_uri: str | None) -> Path:

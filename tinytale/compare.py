@@ -1,8 +1,8 @@
-"""Overfitting analysis across runs: best epoch, overfitting onset, final gap, plot and table.
+"""Overfitting analysis across runs: best epoch, overfitting onset, final gap, table and JSON.
 
-Everything here but the figure file is pure: it works on `RunCurves` (plain data fetched
-elsewhere, see `tinytale.mlflow_tracker.reader`) and never talks to MLflow, so every rule can
-be tested on hand-made curves.
+Everything here is pure (the figure is drawn in compare_plot.py): it works on `RunCurves`
+(plain data fetched elsewhere, see `tinytale.mlflow_tracker.reader`) and never talks to
+MLflow, so every rule can be tested on hand-made curves.
 
 Definitions (all "lower is better" metrics: losses and perplexities):
 
@@ -23,12 +23,10 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from tinytale.errors import UserError
 from tinytale.metrics import perplexity
-from tinytale.paths import check_can_make_folder
+from tinytale.reference import LEVEL_NAMES, first_epoch_below, param_name
 
 DEFAULT_METRIC = "val_loss"
 DEFAULT_PATIENCE = 3
@@ -79,11 +77,19 @@ class RunSummary:
     status: str
     metric: str
     best_metric_value: float | None
+    # The run's reference levels (uniform, unigram, bigram loss), and the first epochs its
+    # validation loss fell below the unigram and bigram ones.
+    reference_losses: dict[str, float] = field(default_factory=dict)
+    beat_unigram_epoch: int | None = None
+    beat_bigram_epoch: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         row = {key: getattr(self, key) for key in JSON_KEYS}
         row.update(overrides=self.overrides, status=self.status, metric=self.metric,
-                   best_metric_value=self.best_metric_value)
+                   best_metric_value=self.best_metric_value,
+                   beat_unigram_epoch=self.beat_unigram_epoch,
+                   beat_bigram_epoch=self.beat_bigram_epoch,
+                   reference_losses=self.reference_losses)
         return {key: _json_safe(value) for key, value in row.items()}
 
 
@@ -191,6 +197,7 @@ def summarize(run: RunCurves, metric: str = DEFAULT_METRIC, patience: int = DEFA
     best_val_loss = None
     if best is not None:
         best_val_loss = best[1] if metric == "val_loss" else val_at.get(best[0])
+    levels = reference_losses(run)
     tps_series = [v for _, v in run.histories.get("tokens_per_sec", []) if math.isfinite(v)]
     tokens_per_sec = (statistics.median(tps_series) if tps_series
                       else run.latest.get("tokens_per_sec"))
@@ -208,7 +215,17 @@ def summarize(run: RunCurves, metric: str = DEFAULT_METRIC, patience: int = DEFA
         status=run.status,
         metric=metric,
         best_metric_value=best[1] if best else None,
+        reference_losses=levels,
+        beat_unigram_epoch=first_epoch_below(val, levels.get("unigram")),
+        beat_bigram_epoch=first_epoch_below(val, levels.get("bigram")),
     )
+
+
+def reference_losses(run: RunCurves) -> dict[str, float]:
+    """The reference levels the run logged as params (tinytale.reference); {} for older runs."""
+    levels = {name: _parse_param(run.params.get(param_name(name))) for name in LEVEL_NAMES}
+    return {name: float(v) for name, v in levels.items()
+            if isinstance(v, int | float) and math.isfinite(v)}
 
 
 def summarize_all(runs: Sequence[RunCurves], metric: str = DEFAULT_METRIC,
@@ -281,131 +298,15 @@ def render_table(rows: Sequence[RunSummary]) -> str:
     return format_table(TABLE_COLUMNS, body, right=range(2, len(TABLE_COLUMNS)))
 
 
-# --------------------------------------------------------------------------- plot
+_FIGURE = ("check_figure_path", "plot_curves", "prefetch_plotting")
 
 
-def prefetch_plotting() -> None:
-    """Import matplotlib on a background thread while the caller waits on the network."""
-    import threading
+def __getattr__(name: str) -> Any:
+    """The figure's entry points (drawn in compare_plot.py, which imports this module) as
+    `compare.plot_curves` etc., looked up on first use so neither import needs the other's
+    end."""
+    if name in _FIGURE:
+        from tinytale import compare_plot
 
-    def load() -> None:
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-
-    threading.Thread(target=load, name="prefetch-matplotlib", daemon=True).start()
-
-
-def run_label(summary: RunSummary) -> str:
-    overrides = format_overrides(summary.overrides)
-    if overrides and overrides != summary.run_name:
-        return f"{summary.run_name} [{overrides}]"
-    return summary.run_name
-
-
-def _colours(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    if n <= 10:
-        cmap = colormaps["tab10"]
-        return [cmap(i) for i in range(n)]
-    if n <= 20:
-        cmap = colormaps["tab20"]
-        return [cmap(i) for i in range(n)]
-    cmap = colormaps["turbo"]
-    return [cmap(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
-
-
-def check_figure_path(out: Path) -> None:
-    """Refuse a figure path whose folder cannot be made or written, before anything is fetched."""
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"--out '{out}' is a folder; pass a file name such as "
-                        f"'{out / 'curves.png'}'.")
-    fix = "pass a path in a folder you can write to"
-    check_can_make_folder(out.parent, f"--out '{out}'", if_file=fix, if_read_only=fix)
-
-
-def plot_curves(runs: Sequence[RunCurves], summaries: Sequence[RunSummary], out: Path,
-                metric: str = DEFAULT_METRIC, title: str | None = None) -> Path:
-    """Train (dashed) and validation (solid) curves per run on shared axes, best epoch marked.
-
-    The format follows `out`'s suffix (.png, .svg, .pdf); uses the Agg canvas, no display.
-    """
-    from matplotlib import rc_context
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    train_key = train_metric_for(metric)
-    n = len(runs)
-    legend_outside = n > 6
-    fig = Figure(figsize=(13 if legend_outside else 10, 6.5), dpi=100)
-    FigureCanvasAgg(fig)
-    # Fixed margins: cheaper than constrained layout; room on the right for a long legend.
-    fig.subplots_adjust(left=0.07, bottom=0.1, top=0.92,
-                        right=(0.7 if n > 25 else 0.74) if legend_outside else 0.97)
-    ax = fig.add_subplot()
-    colours = _colours(n)
-    run_handles = []
-    many = n > 12
-    for i, (run, summary, colour) in enumerate(zip(runs, summaries, colours, strict=True)):
-        # With few runs, each later line is a little thinner, so identical curves still show
-        # every colour (the earlier, wider line peeks out around the later one).
-        width = 1.2 if many else max(1.2, 3.0 - 0.35 * i) if n <= 6 else 1.8
-        val = run.histories.get(metric, [])
-        if val:
-            xs, ys = zip(*val, strict=True)
-            ax.plot(xs, ys, color=colour, linewidth=width, linestyle="-")
-        train = run.histories.get(train_key, []) if train_key else []
-        if train:
-            xs, ys = zip(*train, strict=True)
-            ax.plot(xs, ys, color=colour, linewidth=0.8 * width, linestyle="--", alpha=0.85)
-        if summary.best_epoch is not None and summary.best_metric_value is not None:
-            ax.plot([summary.best_epoch], [summary.best_metric_value], marker="o",
-                    markersize=5 if many else 8, color=colour, markeredgecolor="black",
-                    markeredgewidth=0.8, linestyle="none", zorder=5)
-        if summary.overfit_onset is not None and not many:
-            ax.axvline(summary.overfit_onset, color=colour, linewidth=0.8, linestyle=":",
-                       alpha=0.7)
-        run_handles.append(Line2D([], [], color=colour, linewidth=2.5, label=run_label(summary)))
-
-    pretty = metric.removeprefix("val_").replace("_", " ")
-    ax.set_xlabel("epoch", fontsize=12)
-    ax.set_ylabel(f"{pretty} (train dashed, validation solid)", fontsize=12)
-    ax.set_title(title or f"Train vs validation {pretty} per epoch ({n} run{'s' * (n != 1)})",
-                 fontsize=14)
-    ax.grid(True, alpha=0.3)
-    ax.tick_params(labelsize=10)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    style_handles = [
-        Line2D([], [], color="dimgray", linestyle="--", label=f"train {pretty}"),
-        Line2D([], [], color="dimgray", linestyle="-", label=f"validation {pretty}"),
-        Line2D([], [], color="dimgray", marker="o", markeredgecolor="black", linestyle="none",
-               label="best validation epoch"),
-    ]
-    if not many:  # onset lines are drawn for a dozen runs at most
-        style_handles.append(Line2D([], [], color="dimgray", linestyle=":",
-                                    label="overfitting onset"))
-    runs_font = 7 if many else 9
-    if legend_outside:
-        first = ax.legend(handles=run_handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                          fontsize=runs_font, title="runs", ncol=2 if n > 25 else 1,
-                          frameon=False)
-        ax.add_artist(first)
-        ax.legend(handles=style_handles, loc="upper right", fontsize=9)
-    else:
-        first = ax.legend(handles=run_handles, loc="upper right", fontsize=runs_font,
-                          title="runs")
-        ax.add_artist(first)
-        ax.legend(handles=style_handles, loc="upper center", fontsize=9)
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # SVG keeps its labels as text (searchable, selectable, crisp at any zoom) rather than
-        # matplotlib's default of glyph outlines.
-        with rc_context({"svg.fonttype": "none"}):
-            fig.savefig(out)
-    except OSError as exc:
-        raise UserError(f"cannot write the figure '{out}' ({exc.strerror or exc}); pass --out "
-                        "in a folder you can write to.") from None
-    return out
+        return getattr(compare_plot, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

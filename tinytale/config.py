@@ -60,7 +60,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     corpus: str = _doc(
-        "built-in corpus name ('lesson', 'fairy') or a path to a .txt file or a folder of them",
+        "built-in corpus name ('lesson', 'fairy') or a path to a file or a folder of them: "
+        ".txt, .jsonl/.json (one object per line), .parquet, and .gz/.zst of the text ones",
         default="lesson",
     )
     tokenizer: Literal["word", "char", "bpe"] = _doc("word | char | bpe", default="word")
@@ -82,6 +83,18 @@ class DataConfig:
         "tokenize file corpora once into memory-mapped token files (auto: above 64 MB)",
         default="auto",
     )
+    story_separator: str = _doc(
+        "where text files split into stories: auto (at <|endoftext|> when the file's first MB "
+        "has one, else at blank lines), blank_line, or a marker such as <|endoftext|>",
+        default="auto",
+    )
+    text_field: str = _doc("the field (JSON) or column (Parquet) holding each story",
+                           default="text")
+    tokenizer_file: str | None = _doc(
+        "reuse a tokenizer instead of training one: a tokenizer.json (tinytale's, or a "
+        "Hugging Face one with an <eos> token) or an earlier run's checkpoint (.pt)",
+        default=None,
+    )
 
     def validate(self) -> None:
         if not self.corpus.strip():
@@ -97,6 +110,15 @@ class DataConfig:
             )
         if self.n_stories is not None:
             _positive("data.n_stories", self.n_stories)
+        if not self.story_separator.strip():
+            raise ConfigError("data.story_separator is empty; use auto, blank_line or a marker "
+                              "such as <|endoftext|>.")
+        if not self.text_field.strip():
+            raise ConfigError("data.text_field is empty; give the name of the field that "
+                              "holds each story, e.g. text.")
+        if self.tokenizer_file is not None and not self.tokenizer_file.strip():
+            raise ConfigError("data.tokenizer_file is empty; give a tokenizer.json or .pt "
+                              "path, or null to train a tokenizer.")
 
 
 @dataclass
@@ -186,6 +208,13 @@ class TrackingConfig:
     system_metrics: bool = _doc("log CPU/memory/GPU through MLflow's system metrics",
                                 default=True)
     samples: int = _doc("generated samples logged as a text artifact at the end", default=3)
+    export_hf: bool = _doc(
+        "also log the best model as a Hugging Face folder (artifact hf/; needs tinytale[hf])",
+        default=False,
+    )
+    sample_every_epochs: int = _doc(
+        "log short samples (table `samples.json`) at epoch 1 and every N epochs (0 = off)",
+        default=10)
 
     def validate(self) -> None:
         if not self.experiment.strip():
@@ -200,6 +229,7 @@ class TrackingConfig:
             )
         _non_negative("tracking.log_every_steps", self.log_every_steps)
         _non_negative("tracking.samples", self.samples)
+        _non_negative("tracking.sample_every_epochs", self.sample_every_epochs)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import datetime as dt
 import itertools
 import math
 import os
+import shlex
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,13 +30,20 @@ from tinytale.checkpoint import (
     peek_checkpoint,
 )
 from tinytale.config import Config
-from tinytale.corpus import corpus_files, load_corpus, stream_stories
+from tinytale.corpus import StoryFormat, corpus_files, load_corpus, stream_stories
 from tinytale.data import DataBundle, build_data, windows_from_tokens
+from tinytale.datasets import corpus_datasets
 from tinytale.device import choose_precision, resolve_device
 from tinytale.errors import UserError
-from tinytale.inference import build_model, sample_texts
+from tinytale.inference import EpochSampler, build_model, sample_texts
+from tinytale.reference import ReferenceLevels, first_epoch_below, reference_levels
 from tinytale.tokencache import build_token_files, cached_tokenizer, content_hash
-from tinytale.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
+from tinytale.tokenizer import (
+    Tokenizer,
+    load_tokenizer_file,
+    tokenizer_from_dict,
+    train_tokenizer,
+)
 from tinytale.tracking import RunInfo, RunSummary, Tracker
 from tinytale.train import FitResult, StopRequest, diverged, fit, seed_everything
 
@@ -55,11 +63,14 @@ def prepare_data(config: Config, tokenizer: Tokenizer | None = None,
     for the check that an epoch has at least one optimizer step.
     """
     d = config.data
+    if tokenizer is None and d.tokenizer_file:
+        tokenizer = load_tokenizer_file(d.tokenizer_file, d.tokenizer)
     files = corpus_files(d.corpus)
     if files is not None and (d.stream is True or (
             d.stream == "auto" and sum(f.stat().st_size for f in files) > STREAM_ABOVE_BYTES)):
         return prepare_streamed(config, files, tokenizer, world_size)
-    stories = load_corpus(d.corpus, d.n_stories, d.seed)
+    stories = load_corpus(d.corpus, d.n_stories, d.seed, StoryFormat(d.story_separator,
+                                                                     d.text_field))
     if tokenizer is None:
         tokenizer = train_tokenizer(d.tokenizer, stories, d.bpe_vocab_size)
     return build_data(
@@ -78,11 +89,13 @@ def prepare_streamed(config: Config, files: list[Path], tokenizer: Tokenizer | N
     `data.n_stories` and `data.train_fraction` cut the streams rather than story lists.
     """
     d = config.data
+    fmt = StoryFormat(d.story_separator, d.text_field)
 
     def stories() -> Iterator[str]:
-        return itertools.islice(stream_stories(files), d.n_stories)
+        return itertools.islice(stream_stories(files, fmt), d.n_stories)
 
-    key = f"{content_hash(files)}:{d.n_stories}"
+    # The same bytes cut by another separator or field are other stories: both are in the key.
+    key = f"{content_hash(files)}:{d.n_stories}:{fmt.cache_key()}"
     if tokenizer is None:
         tokenizer = cached_tokenizer(key, d.tokenizer, d.bpe_vocab_size, stories)
     token_files = build_token_files(stories(), key, tokenizer, d.val_fraction, d.seed)
@@ -174,6 +187,26 @@ def _report_divergence(tracker: Tracker, summary: RunSummary) -> None:
                    "lower train.lr, or clip gradients with train.grad_clip"})
 
 
+def beat_epochs(result: FitResult, levels: ReferenceLevels) -> dict[str, Any]:
+    """The summary's reference levels and the first epochs validation loss fell below them."""
+    val = [(h["epoch"], h["val_loss"]) for h in result.state.history]
+    return {"reference_losses": {"uniform": levels.uniform, "unigram": levels.unigram,
+                                 "bigram": levels.bigram},
+            "beat_unigram_epoch": first_epoch_below(val, levels.unigram),
+            "beat_bigram_epoch": first_epoch_below(val, levels.bigram)}
+
+
+def run_description(config_file: Path | None, overrides: list[str]) -> str:
+    """The run's description (MLflow's `mlflow.note.content`): what it was trained from, and
+    the command that trains it again."""
+    source = f"`{config_file}`" if config_file else "the built-in lesson (experiments/lesson.yaml)"
+    given = (f"with the overrides {', '.join(f'`{o}`' for o in overrides)}" if overrides
+             else "with no overrides")
+    words = ["tinytale", "train", *([str(config_file)] if config_file else []),
+             *(w for o in overrides for w in ("--set", o))]
+    return f"Trained from {source} {given}.\n\nAgain: `{shlex.join(words)}`"
+
+
 @dataclass
 class StartingPoint:
     """Where a run starts: fresh, or from a checkpoint with the config it was started with."""
@@ -229,19 +262,24 @@ def train_run(
     data = prepare_data(config, tokenizer, dist.world_size)
     seed_everything(config.train.seed)  # the initial weights depend on the seed alone
     model = build_model(config, data.tokenizer.vocab_size)
+    levels = reference_levels(data.train.tokens.numpy(), data.val.tokens.numpy(),
+                              data.tokenizer.vocab_size)  # numpy views: no copy yet
     info = RunInfo(
         experiment=config.tracking.experiment,
         run_name=run_name,
-        params={**config.flat(), "model.num_params": model.num_params(), **data.describe()},
+        params={**config.flat(), "model.num_params": model.num_params(), **data.describe(),
+                **levels.params()},
         tags=run_tags(config, device, extra_tags),
         config_yaml=config.to_yaml(),
         resume_run_id=resume_state.get("run_id") if resume_state else None,
         parent_run_id=parent_run_id,
         local_dir=run_dir,
+        datasets=corpus_datasets(config.data, data),
     )
     run_id = tracker.start(info)
     if ignored:
         tracker.on_event("resume_keeps_run_config", ignored)
+    sampler = EpochSampler(data.tokenizer, config.tracking.sample_every_epochs)
     status = "FAILED"
     try:
         fields = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict()}
@@ -250,12 +288,13 @@ def train_run(
             # Read at each write: after a tracking outage the run id becomes known late.
             checkpoint_fields=lambda: {**fields, "run_id": tracker.run_id},
             resume=resume_state, stop=stop,
-            log_every_steps=config.tracking.log_every_steps, dist=dist,
+            log_every_steps=config.tracking.log_every_steps, dist=dist, sampler=sampler,
         )
         status = result.status
         summary = RunSummary(**result.summary(), run_id=run_id,
                              vocab_size=data.tokenizer.vocab_size, run_dir=str(run_dir),
-                             costs=tracker.costs())
+                             costs=tracker.costs(), sampling_s=round(sampler.seconds, 4),
+                             **beat_epochs(result, levels))
         summary.diverged = status == "FINISHED" and diverged(
             summary.final_train_loss, summary.final_val_loss, data.tokenizer.vocab_size)
         if summary.diverged:

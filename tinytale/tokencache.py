@@ -122,6 +122,23 @@ def build_token_files(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts = {"train": 0, "val": 0}
+    try:
+        _write_splits(tmp, stories, tokenizer, dtype, val_fraction, seed, counts)
+    except BaseException:
+        # A bad record deep in the corpus (or Ctrl-C) leaves no half-written token files.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta = {"dtype": dtype, "n_train_stories": counts["train"], "n_val_stories": counts["val"]}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.replace(tmp, folder)  # another process may have finished the same work first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TokenFiles(folder, dtype, counts["train"], counts["val"])
+
+
+def _write_splits(tmp: Path, stories: Iterable[str], tokenizer: Tokenizer, dtype: str,
+                  val_fraction: float, seed: int, counts: dict[str, int]) -> None:
     index = 0
     with open(tmp / "train.bin", "wb") as train_f, open(tmp / "val.bin", "wb") as val_f:
         for chunk in _chunks(stories, CHUNK_STORIES):
@@ -134,10 +151,3 @@ def build_token_files(
                 if splits[split]:
                     f.write(tokenizer.encode_many(splits[split]).astype(dtype).tobytes())
                     counts[split] += len(splits[split])
-    meta = {"dtype": dtype, "n_train_stories": counts["train"], "n_val_stories": counts["val"]}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    try:
-        os.replace(tmp, folder)  # another process may have finished the same work first
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return TokenFiles(folder, dtype, counts["train"], counts["val"])

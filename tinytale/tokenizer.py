@@ -7,8 +7,10 @@ Every tokenizer has an end-of-story token (`eos_id`), round-trips through a JSON
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -266,3 +268,47 @@ def tokenizer_from_dict(state: dict[str, Any]) -> Tokenizer:
         return BPETokenizer(state["serialized"])
     raise TokenizerError(f"saved tokenizer kind {kind!r} is unknown; the file may be damaged.")
 
+
+def load_tokenizer_file(path: str | Path, expected_kind: str,
+                        field: str = "data.tokenizer_file") -> Tokenizer:
+    """A tokenizer to reuse: an earlier run's checkpoint (.pt), tinytale's own JSON, or a
+    Hugging Face `tokenizer.json` (BPE, or the word/char ones `tinytale export` writes)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise TokenizerError(f"{field}='{path}' is not a file; give a tokenizer.json or a "
+                             "checkpoint (.pt) of an earlier run.")
+    if file.suffix == ".pt":
+        from tinytale.checkpoint import load_checkpoint  # torch: only for checkpoints
+
+        tokenizer = tokenizer_from_dict(load_checkpoint(file)["tokenizer"])
+    else:
+        try:
+            state = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise TokenizerError(f"{field}='{path}' is not a JSON tokenizer file; give a "
+                                 "tokenizer.json or a checkpoint (.pt).") from None
+        tokenizer = _tokenizer_from_json(state, f"{field}='{path}'")
+    if tokenizer.kind != expected_kind:
+        raise TokenizerError(f"{field}='{path}' holds a {tokenizer.kind} tokenizer but "
+                             f"data.tokenizer is {expected_kind!r}; set "
+                             f"data.tokenizer={tokenizer.kind}.")
+    return tokenizer
+
+
+def _tokenizer_from_json(state: Any, where: str) -> Tokenizer:
+    if isinstance(state, dict) and state.get("kind") in ("word", "char", "bpe"):
+        return tokenizer_from_dict(state)
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict) or model.get("type") not in ("BPE", "WordLevel"):
+        raise TokenizerError(f"{where} is neither a tinytale tokenizer nor a Hugging Face BPE "
+                             "or word-level tokenizer.json; give one of those.")
+    vocab = model.get("vocab") or {}
+    if EOS not in vocab:
+        raise TokenizerError(f"{where} has no {EOS} token to end stories with; add it as a "
+                             "special token or train a tokenizer instead.")
+    if model["type"] == "BPE":
+        return BPETokenizer(json.dumps(state))
+    symbols = [s for s, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    # `tinytale export` joins char tokens with a Fuse decoder, word tokens with spaces.
+    decoder = state.get("decoder") or {}
+    return (CharTokenizer if decoder.get("type") == "Fuse" else WordTokenizer)(symbols)

@@ -31,6 +31,8 @@ class RunInfo:
     resume_run_id: str | None = None
     parent_run_id: str | None = None
     local_dir: Path | None = None  # the run's checkpoint folder (for spools, local copies)
+    # What the run trains and validates on (tinytale.datasets.corpus_datasets), logged once.
+    datasets: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -102,6 +104,11 @@ class RunSummary:
     diverged: bool = False
     tracking_uri: str | None = None
     run_url: str | None = None
+    # The first epoch whose validation loss was below the unigram / bigram reference level.
+    beat_unigram_epoch: int | None = None
+    beat_bigram_epoch: int | None = None
+    reference_losses: dict[str, float] = field(default_factory=dict)  # level -> nats/token
+    sampling_s: float = 0.0  # time spent generating the per-epoch samples
     # What tracking cost the loop (TrackingCosts keys); empty when untracked.
     costs: dict[str, float] = field(default_factory=dict)
     registration: Registration | None = None
@@ -171,6 +178,10 @@ class Tracker:
     def log_text(self, name: str, text: str) -> None:
         """A small text artifact (generated samples, a report)."""
 
+    def log_samples(self, epoch: int, rows: list[dict[str, Any]]) -> None:
+        """Text generated at the end of `epoch`: one row per sample (`epoch`, `val_loss`,
+        `sample`, `text`, `prompt`, `temperature`, `seed`)."""
+
     def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration | None:
         """Publish the best checkpoint (e.g. register a model version); None: not published."""
         return None
@@ -231,6 +242,10 @@ class FanoutTracker(Tracker):
         for t in self.trackers:
             t.log_text(name, text)
 
+    def log_samples(self, epoch: int, rows: list[dict[str, Any]]) -> None:
+        for t in self.trackers:
+            t.log_samples(epoch, rows)
+
     def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration | None:
         published = [t.publish_model(checkpoint, summary) for t in self.trackers]
         return next((r for r in published if r is not None), None)
@@ -286,6 +301,11 @@ class ConsoleTracker(Tracker):
 
     def start(self, info: RunInfo) -> str | None:
         self._write(f"run '{info.run_name}' in experiment '{info.experiment}'")
+        levels = {k.removeprefix("reference.").removesuffix("_loss"): v
+                  for k, v in info.params.items() if k.startswith("reference.")}
+        if levels:  # what validation loss to beat (tinytale/reference.py)
+            self._write("reference val loss: " + ", ".join(f"{k} {float(v):.4f}"
+                                                          for k, v in levels.items()))
         return None
 
     def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
@@ -316,6 +336,11 @@ class ConsoleTracker(Tracker):
         for key, _, fmt in EPOCH_COLUMNS:
             cells.append(_cell(key, fmt, row.get(key, math.nan)))
         self._write(" ".join(cells))
+
+    def log_samples(self, epoch: int, rows: list[dict[str, Any]]) -> None:
+        if rows:  # one line: the first (greedy) sample, as much as fits a wide terminal
+            text = rows[0]["text"].replace("\n", " ")
+            self._write(f"sample @ epoch {epoch}: {text[:100]}{'...' * (len(text) > 100)}")
 
     def on_event(self, name: str, detail: dict[str, Any]) -> None:
         if "message" in detail:  # an event meant for a person: one warning line

@@ -26,6 +26,7 @@ from tinytale.config import TrainConfig
 from tinytale.data import DataBundle, eval_loader, optimizer_steps_per_epoch, train_loader
 from tinytale.device import autocast_for, choose_precision, peak_flops
 from tinytale.distributed import Dist
+from tinytale.inference import EpochSampler
 from tinytale.loop.epoch import EpochAccumulator
 from tinytale.loop.guard import NonFiniteGuard, make_guard
 from tinytale.loop.policy import STOP_AGREE_EVERY_STEPS, CheckpointPolicy, StopRequest
@@ -139,13 +140,16 @@ def fit(
     stop: StopRequest | None = None,
     log_every_steps: int = 0,
     dist: Dist | None = None,
+    sampler: EpochSampler | None = None,
 ) -> FitResult:
     """Train `model` on `data` for `cfg.epochs` epochs; see the module docstring.
 
     `checkpoint_fields` returns what the caller adds to every checkpoint (config, tokenizer,
     run id); it is called at each write, so a value known only late is in the later files.
     On an accelerator, checkpoints are written in the background; every one is on disk when
-    fit() returns, and finishes writing even if it raises.
+    fit() returns, and finishes writing even if it raises. `sampler` (rank 0 only) generates
+    text at the epochs it is due, reported through `tracker.log_samples`; it leaves the
+    training bit-for-bit unchanged.
     """
     stop = stop if stop is not None else StopRequest()
     d = dist or Dist()
@@ -174,7 +178,8 @@ def fit(
                               resumed=resume is not None, stop=stop, tracker=tracker, dist=d,
                               device=device)
     loop = Loop(model, data, cfg, device, d, tracker, train_step, guard, policy,
-                log_every_steps, peak_flops(device, cfg.peak_tflops), precision)
+                log_every_steps, peak_flops(device, cfg.peak_tflops), precision,
+                sampler if d.is_main else None)
     model.train()
     try:
         while state.epoch <= cfg.epochs:
@@ -229,6 +234,7 @@ class Loop:
     log_every_steps: int
     peak_flops: float | None
     precision: str  # 'bf16' (autocast) or 'fp32', as choose_precision resolved train.precision
+    sampler: EpochSampler | None = None
 
 
 def train_epoch(loop: Loop, state: TrainState) -> Ending | None:
@@ -283,6 +289,9 @@ def finish_epoch(loop: Loop, state: TrainState, sums: EpochAccumulator) -> Endin
         loop.tracker.on_event("nonfinite", {"epoch": epoch, "step": state.step,
                                             "reason": reason})
         raise TrainingFailed(reason)
+    if loop.sampler is not None and loop.sampler.due(epoch):
+        rows = [{"epoch": epoch, "val_loss": val_loss, **row} for row in loop.sampler(loop.model)]
+        loop.tracker.log_samples(epoch, rows)
     # Advance to the next epoch before saving, so last.pt resumes at its start.
     state.epoch += 1
     state.batch = 0

@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +24,15 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from support.compose_stack import BUILD_TIMEOUT_S, IN_CI, REPO, SETUP_SCRIPT, Stack, compose_env
+from support.server import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-SETUP_SCRIPT = REPO / "scripts" / "docker-offline.sh"
 LESSON = REPO / "experiments" / "lesson.yaml"
-IN_CI = os.environ.get("CI", "").lower() == "true"
-BUILD_TIMEOUT_S = 1200
 TRAIN_TIMEOUT_S = 900
 
 # Building both images on a fresh machine takes minutes; the module fixture counts toward
@@ -44,128 +40,16 @@ TRAIN_TIMEOUT_S = 900
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2 * BUILD_TIMEOUT_S)]
 
 
-def _docker_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    info = subprocess.run(["docker", "info"], capture_output=True, check=False)
-    return info.returncode == 0
-
-
-def _offline_env() -> dict[str, str]:
-    """Run the setup script (idempotent) and return the variables it prints."""
-    done = subprocess.run(
-        ["bash", str(SETUP_SCRIPT)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=BUILD_TIMEOUT_S,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"{SETUP_SCRIPT.name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    env = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("export ") and "=" in line:
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = value
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def docker_env() -> dict[str, str]:
     """The environment for `docker compose`: an engine, compose v2 and the build arguments."""
-    online = os.environ.get("TINYTALE_E2E_ONLINE") == "1"
-    if not _docker_answers() and not IN_CI:
-        pytest.skip(
-            "no Docker engine answers `docker info`: start one (scripts/docker-offline.sh "
-            "does on Debian); under CI=true this is a failure"
-        )
-    env = dict(os.environ)
-    if not online:
-        env.update(_offline_env())  # under CI=true this installs and starts the engine too
-    if not _docker_answers():
-        pytest.fail("no Docker engine answers `docker info`, and CI=true requires one")
-    return env
-
-
-@dataclass
-class Stack:
-    project: str
-    port: int
-    env: dict[str, str]
-    timings: dict[str, float]
-    trainer_exit_code: int | None = None
-
-    def compose(
-        self,
-        *args: str,
-        timeout: float = 300,
-        check: bool = True,
-    ) -> subprocess.CompletedProcess[str]:
-        argv = ["docker", "compose", "--project-directory", str(REPO), *args]
-        done = subprocess.run(
-            argv,
-            cwd=REPO,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and done.returncode != 0:
-            pytest.fail(
-                f"`{' '.join(argv)}` exited {done.returncode}:\n{done.stderr[-4000:]}"
-                f"\n{self.logs()}"
-            )
-        return done
-
-    def logs(self) -> str:
-        argv = [
-            "docker",
-            "compose",
-            "--project-directory",
-            str(REPO),
-            "logs",
-            "--no-color",
-            "--tail",
-            "60",
-        ]
-        done = subprocess.run(
-            argv, cwd=REPO, env=self.env, capture_output=True, text=True, check=False, timeout=60
-        )
-        return f"--- compose logs ---\n{done.stdout[-6000:]}{done.stderr[-2000:]}"
-
-    def container(self, service: str) -> str:
-        return self.compose("ps", "--all", "--quiet", service).stdout.strip()
-
-    def api(self, endpoint: str, **params: Any) -> dict[str, Any]:
-        """GET one MLflow REST endpoint from the host, the way a browser reaches the UI."""
-        query = urllib.parse.urlencode(params, doseq=True)
-        url = f"http://127.0.0.1:{self.port}/api/2.0/mlflow/{endpoint}?{query}"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return json.load(response)
-
-    def search_runs(self, experiment_id: str) -> list[dict[str, Any]]:
-        body = json.dumps({"experiment_ids": [experiment_id], "max_results": 100}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/api/2.0/mlflow/runs/search",
-            data=body,
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response).get("runs", [])
+    return compose_env()
 
 
 @pytest.fixture(scope="module")
 def stack(docker_env: dict[str, str]) -> Iterator[Stack]:
     """`docker compose up` of a project of its own; torn down with its volumes afterwards."""
-    port = _free_port()
+    port = free_port()
     project = f"tinytale-e2e-{os.getpid()}"
     env = {**docker_env, "COMPOSE_PROJECT_NAME": project, "TINYTALE_MLFLOW_PORT": str(port)}
     stack = Stack(project, port, env, {})
@@ -322,17 +206,83 @@ def test_containers_run_unprivileged_and_publish_on_loopback(stack: Stack) -> No
     assert published == [f"127.0.0.1:{stack.port}"], published
 
 
+def _psql(stack: Stack, sql: str) -> str:
+    """One query in the database container, as the MLflow user over the local socket."""
+    return stack.compose("exec", "-T", "db", "psql", "--username", "mlflow", "--dbname",
+                         "mlflow", "--tuples-only", "--no-align", "--command", sql).stdout.strip()
+
+
+def test_runs_live_in_postgresql(stack: Stack) -> None:
+    """The server's backend is the database container, not a SQLite file in its volume."""
+    run_id = _finished_run(stack)["info"]["run_id"]
+    assert _psql(stack, f"SELECT status FROM runs WHERE run_uuid = '{run_id}'") == "FINISHED"
+    epochs = _lesson_epochs()
+    count = _psql(stack, f"SELECT count(*) FROM metrics WHERE run_uuid = '{run_id}' "
+                         "AND key = 'val_loss'")
+    assert int(count) == epochs
+    listing = stack.compose("exec", "-T", "mlflow", "ls", "-A", "/mlflow/db").stdout.split()
+    assert "mlflow.db" not in listing, listing
+
+
+def _inspect(container: str, template: str) -> str:
+    return subprocess.run(["docker", "inspect", "--format", template, container],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_database_is_reachable_only_from_the_mlflow_server(stack: Stack) -> None:
+    db, mlflow = stack.container("db"), stack.container("mlflow")
+    assert _inspect(db, "{{json .NetworkSettings.Ports}}") in ("{}", "null")
+    db_networks = set(json.loads(_inspect(db, "{{json .NetworkSettings.Networks}}")))
+    assert db_networks == {f"{stack.project}_database"}, db_networks
+    mlflow_networks = set(json.loads(_inspect(mlflow, "{{json .NetworkSettings.Networks}}")))
+    assert db_networks < mlflow_networks, mlflow_networks
+    internal = subprocess.run(["docker", "network", "inspect", "--format", "{{.Internal}}",
+                               f"{stack.project}_database"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert internal == "true"
+    probe = ("import socket\ntry:\n    socket.create_connection(('db', 5432), timeout=5)\n"
+             "    print('reached')\nexcept OSError as e:\n    print('unreachable', e)")
+    from_server = stack.compose("exec", "-T", "mlflow", "python", "-c", probe).stdout
+    assert from_server.startswith("reached"), from_server
+    from_trainer = stack.compose("run", "--rm", "--no-deps", "--entrypoint", "python",
+                                 "trainer", "-c", probe).stdout
+    assert from_trainer.startswith("unreachable"), from_trainer
+
+
+def test_services_restart_after_a_crash_and_the_trainer_does_not(stack: Stack) -> None:
+    policies = {s: _inspect(stack.container(s), "{{.HostConfig.RestartPolicy.Name}}")
+                for s in ("db", "mlflow", "trainer")}
+    assert policies == {"db": "unless-stopped", "mlflow": "unless-stopped", "trainer": "no"}
+    # A crash of the server (SIGKILL, as the OOM killer sends it) comes back by itself. Not
+    # `docker kill`: the engine counts that as a manual stop and restarts nothing.
+    mlflow = stack.container("mlflow")
+    restarts = int(_inspect(mlflow, "{{.RestartCount}}"))
+    crash = ("import os, signal; "  # the server is the one child of the container's init
+             "os.kill(int(open('/proc/1/task/1/children').read().split()[0]), signal.SIGKILL)")
+    stack.compose("exec", "-T", "mlflow", "python", "-c", crash)
+    deadline = time.monotonic() + 180
+    while _inspect(mlflow, "{{.State.Health.Status}}") != "healthy" or \
+            int(_inspect(mlflow, "{{.RestartCount}}")) == restarts:
+        assert time.monotonic() < deadline, f"the server did not come back\n{stack.logs()}"
+        time.sleep(1)
+    assert _finished_run(stack)["info"]["status"] == "FINISHED"
+
+
+def _registered_champion(stack: Stack) -> str:
+    name = _lesson_tracking()["registered_model"]
+    return stack.api("registered-models/alias", name=name, alias="champion")[
+        "model_version"]["run_id"]
+
+
 def test_runs_survive_compose_down(stack: Stack) -> None:
-    """`down` keeps the named volumes: the server comes back with the same run."""
+    """`down` keeps the named volumes: the server comes back with the same run, its metrics,
+    its registered version and the `champion` alias."""
     run_id = _finished_run(stack)["info"]["run_id"]
     stack.compose("down", timeout=300)
     stack.compose("up", "--detach", "--wait", "mlflow", timeout=300)
     assert _finished_run(stack)["info"]["run_id"] == run_id
-
-
-def _runs_of(stack: Stack, experiment: str) -> list[dict[str, Any]]:
-    found = stack.api("experiments/get-by-name", experiment_name=experiment)["experiment"]
-    return stack.search_runs(found["experiment_id"])
+    assert len(_epochs_logged(stack, run_id)) == _lesson_epochs()
+    assert _registered_champion(stack) == run_id
 
 
 def _epochs_logged(stack: Stack, run_id: str) -> list[int]:
@@ -349,40 +299,51 @@ def test_compose_run_trains_any_experiment(stack: Stack) -> None:
     )
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["epochs"] == 2 and summary["run_id"], summary
-    (run,) = _runs_of(stack, "e2e-run")
+    (run,) = stack.runs_of("e2e-run")
     assert run["info"]["run_id"] == summary["run_id"]
     assert run["info"]["status"] == "FINISHED"
     assert _epochs_logged(stack, summary["run_id"]) == [1, 2]
+
+
+def _run_held_trainer(stack: Stack, name: str, *args: str, env: tuple[str, ...] = ()) -> None:
+    """`compose run` a trainer held at micro-batch 1 of epoch 2 (tests/hold) until a signal
+    or a `release` file: a fast machine cannot finish the run before the test acts."""
+    stack.compose(
+        "run", "--detach", "--name", name, "-e", "TINYTALE_TRACKING_FLUSH_S=0.5", *env,
+        "-v", f"{REPO / 'tests' / 'hold'}:/hold:ro", "-e", "PYTHONPATH=/hold",
+        "-e", "TINYTALE_TEST_HOLD=2:1", "-e", "TINYTALE_TEST_HOLD_DIR=/tmp/hold", "trainer",
+        "train", "--set", "train.epochs=4", *args,
+    )
+
+
+def _wait_until_held_after_epoch_1(stack: Stack, name: str, experiment: str) -> str:
+    """Until the trainer is held and epoch 1 reached the server; returns the run id."""
+    deadline = time.monotonic() + 300
+    while "held-" not in subprocess.run(
+            ["docker", "exec", name, "ls", "/tmp/hold"], capture_output=True, text=True,
+            check=False).stdout:
+        assert time.monotonic() < deadline, f"the trainer was not held\n{stack.logs()}"
+        time.sleep(0.5)
+    while True:  # until epoch 1 reached the server: the run is well under way
+        assert time.monotonic() < deadline, f"no epoch logged in 300 s\n{stack.logs()}"
+        try:
+            runs = stack.runs_of(experiment)
+        except urllib.error.HTTPError:  # the experiment does not exist yet
+            runs = []
+        if runs and _epochs_logged(stack, runs[0]["info"]["run_id"]):
+            return runs[0]["info"]["run_id"]
+        time.sleep(0.5)
 
 
 def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) -> None:
     """SIGTERM from the engine (what `docker compose stop` sends) within the grace period."""
     name = f"{stack.project}-stopme"
     args = ["--experiment", "e2e-stop", "--run-name", "e2e-stop"]
-    # Held at micro-batch 1 of epoch 2 (tests/hold) until the SIGTERM lands: a fast machine
-    # cannot finish the run first. The hold lets go when tinytale's handler asks to stop.
-    stack.compose(
-        "run", "--detach", "--name", name, "-e", "TINYTALE_TRACKING_FLUSH_S=0.5",
-        "-v", f"{REPO / 'tests' / 'hold'}:/hold:ro", "-e", "PYTHONPATH=/hold",
-        "-e", "TINYTALE_TEST_HOLD=2:1", "-e", "TINYTALE_TEST_HOLD_DIR=/tmp/hold", "trainer",
-        "train", "--set", "train.epochs=4", *args,
-    )
+    # Held in epoch 2 until the SIGTERM lands; the hold lets go when tinytale's handler asks
+    # to stop.
+    _run_held_trainer(stack, name, *args)
     try:
-        deadline = time.monotonic() + 300
-        while "held-" not in subprocess.run(
-                ["docker", "exec", name, "ls", "/tmp/hold"], capture_output=True, text=True,
-                check=False).stdout:
-            assert time.monotonic() < deadline, f"the trainer was not held\n{stack.logs()}"
-            time.sleep(0.5)
-        while True:  # until epoch 1 reached the server: the run is well under way
-            assert time.monotonic() < deadline, f"no epoch logged in 300 s\n{stack.logs()}"
-            try:
-                runs = _runs_of(stack, "e2e-stop")
-            except urllib.error.HTTPError:  # the experiment does not exist yet
-                runs = []
-            if runs and _epochs_logged(stack, runs[0]["info"]["run_id"]):
-                break
-            time.sleep(0.5)
+        _wait_until_held_after_epoch_1(stack, name, "e2e-stop")
         start = time.monotonic()
         subprocess.run(["docker", "stop", "--time", "30", name], check=True,
                        capture_output=True, timeout=120)
@@ -395,7 +356,7 @@ def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) 
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
     assert code == 143, f"the trainer exited {code} after SIGTERM\n{logs}"
     assert stopped_in < 30, f"stopping took {stopped_in:.1f} s, past stop_grace_period"
-    (run,) = _runs_of(stack, "e2e-stop")
+    (run,) = stack.runs_of("e2e-stop")
     run_id = run["info"]["run_id"]
     assert run["info"]["status"] == "KILLED", run["info"]
     before = _epochs_logged(stack, run_id)
@@ -405,9 +366,45 @@ def test_stopped_trainer_saves_exits_143_and_resumes_the_same_run(stack: Stack) 
                          "--json", timeout=TRAIN_TIMEOUT_S)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["run_id"] == run_id, "the resumed run is not the stopped one"
-    (run,) = _runs_of(stack, "e2e-stop")
+    (run,) = stack.runs_of("e2e-stop")
     assert run["info"]["status"] == "FINISHED"
     assert _epochs_logged(stack, run_id) == [1, 2, 3, 4]
+
+
+def test_database_restart_mid_run_loses_no_metric(stack: Stack) -> None:
+    """The database goes away while a trainer logs epochs 2-4: the server answers with errors,
+    the trainer's spool keeps every record, and replays them once the database is back."""
+    name = f"{stack.project}-dbrestart"
+    experiment = "e2e-db-restart"
+    args = ["--experiment", experiment, "--run-name", experiment]
+    # finish() waits for the server up to TINYTALE_TRACKING_WAIT_S: longer than the outage.
+    _run_held_trainer(stack, name, *args, env=("-e", "TINYTALE_TRACKING_WAIT_S=300"))
+    try:
+        run_id = _wait_until_held_after_epoch_1(stack, name, experiment)
+        stack.compose("stop", "db", timeout=120)
+        subprocess.run(["docker", "exec", name, "touch", "/tmp/hold/release"], check=True,
+                       capture_output=True, timeout=60)
+        deadline = time.monotonic() + 300
+        while "cannot log to MLflow" not in (logs := subprocess.run(
+                ["docker", "logs", name], capture_output=True, text=True,
+                check=False).stderr):
+            assert time.monotonic() < deadline, f"the trainer never missed the database\n{logs}"
+            time.sleep(0.5)
+        stack.compose("start", "db", timeout=120)
+        code = int(subprocess.run(["docker", "wait", name], capture_output=True, text=True,
+                                  check=True, timeout=TRAIN_TIMEOUT_S).stdout.strip())
+        logs = subprocess.run(["docker", "logs", "--tail", "40", name], capture_output=True,
+                              text=True, check=False).stderr
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+        stack.compose("start", "db", timeout=120, check=False)
+    assert code == 0, f"the trainer exited {code}\n{logs}"
+    (run,) = stack.runs_of(experiment)
+    assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
+    for key in ("train_loss", "val_loss"):
+        history = stack.api("metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
+        # Each epoch once: nothing lost while the database was down, nothing sent twice.
+        assert sorted(m["step"] for m in history) == [1, 2, 3, 4], (key, history)
 
 
 def test_sweep_launch_runs_points_in_containers(stack: Stack, tmp_path: Path) -> None:
@@ -431,7 +428,7 @@ def test_sweep_launch_runs_points_in_containers(stack: Stack, tmp_path: Path) ->
 
     result = sweep_once()
     assert [p["status"] for p in result["points"]] == ["FINISHED", "FINISHED"], result
-    runs = {r["info"]["run_id"]: r for r in _runs_of(stack, "e2e-sweep")}
+    runs = {r["info"]["run_id"]: r for r in stack.runs_of("e2e-sweep")}
     parent = runs.pop(result["parent_run_id"])
     assert parent["info"]["run_name"] == "e2e-sweep"
     assert len(runs) == 2
@@ -444,7 +441,47 @@ def test_sweep_launch_runs_points_in_containers(stack: Stack, tmp_path: Path) ->
     # Again: both points finished, so no container trains.
     again = sweep_once()
     assert [p["status"] for p in again["points"]] == ["SKIPPED", "SKIPPED"], again
-    assert len(_runs_of(stack, "e2e-sweep")) == 3
+    assert len(stack.runs_of("e2e-sweep")) == 3
+
+
+def _artifact_listing(stack: Stack, run_id: str) -> list[str]:
+    files = stack.api("artifacts/list", run_id=run_id).get("files", [])
+    return sorted(f["path"] for f in files)
+
+
+def test_backup_and_restore_of_the_stack(stack: Stack, tmp_path: Path) -> None:
+    """The README's backup (pg_dump + a tar of the artifacts volume) and restore into a stack
+    whose volumes were deleted: the runs, metrics, alias and artifacts are all back."""
+    run_id = _finished_run(stack)["info"]["run_id"]
+    artifacts = _artifact_listing(stack, run_id)
+    assert artifacts, "the lesson run has artifacts to back up"
+    dump, tarball = tmp_path / "mlflow.dump", tmp_path / "artifacts.tar"
+    with open(dump, "wb") as out:
+        subprocess.run(["docker", "compose", "--project-directory", str(REPO), "exec", "-T", "db",
+                        "pg_dump", "--username", "mlflow", "--format", "custom", "mlflow"],
+                       cwd=REPO, env=stack.env, stdout=out, check=True, timeout=300)
+    with open(tarball, "wb") as out:
+        subprocess.run(["docker", "compose", "--project-directory", str(REPO), "exec", "-T",
+                        "mlflow", "tar", "-C", "/mlflow", "-c", "artifacts"],
+                       cwd=REPO, env=stack.env, stdout=out, check=True, timeout=300)
+    assert dump.stat().st_size > 0 and tarball.stat().st_size > 0
+
+    stack.compose("down", "--volumes", timeout=300)  # everything gone
+    stack.compose("up", "--detach", "--wait", "db", timeout=300)
+    with open(dump, "rb") as source:
+        subprocess.run(["docker", "compose", "--project-directory", str(REPO), "exec", "-T", "db",
+                        "pg_restore", "--username", "mlflow", "--dbname", "mlflow",
+                        "--no-owner"], cwd=REPO, env=stack.env, stdin=source, check=True,
+                       timeout=300)
+    with open(tarball, "rb") as source:
+        subprocess.run(["docker", "compose", "--project-directory", str(REPO), "run", "--rm",
+                        "--no-deps", "-T", "--entrypoint", "tar", "mlflow", "-C", "/mlflow",
+                        "-x"], cwd=REPO, env=stack.env, stdin=source, check=True, timeout=300)
+    stack.compose("up", "--detach", "--wait", "mlflow", timeout=300)
+    assert _finished_run(stack)["info"]["run_id"] == run_id
+    assert len(_epochs_logged(stack, run_id)) == _lesson_epochs()
+    assert _registered_champion(stack) == run_id
+    assert _artifact_listing(stack, run_id) == artifacts
 
 
 def test_down_with_volumes_resets_everything(stack: Stack) -> None:
@@ -455,7 +492,8 @@ def test_down_with_volumes_resets_everything(stack: Stack) -> None:
              f"label=com.docker.compose.project={stack.project}"],
             capture_output=True, text=True, check=True).stdout.split()
 
-    assert len(volumes()) == 3, volumes()  # mlflow-db, mlflow-artifacts, checkpoints
+    # mlflow-postgres, mlflow-db, mlflow-artifacts, checkpoints
+    assert len(volumes()) == 4, volumes()
     stack.compose("down", "--volumes", timeout=300)
     assert volumes() == []
 
@@ -510,7 +548,7 @@ def auth_stack(
     secret = tmp_path_factory.mktemp("secret") / "mlflow-admin-password"
     secret.write_text(password + "\n")
     secret.chmod(0o644)  # bind-mounted as is: uid 10001 in the containers must read it
-    port = _free_port()
+    port = free_port()
     project = f"tinytale-e2e-auth-{os.getpid()}"
     env = {
         **docker_env,

@@ -84,5 +84,5 @@ def test_unknown_step_is_one_error_line() -> None:
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "[docker-offline] ERROR: unknown step 'engines' "
-        "(steps: engine compose base wheels wheels-cuda env)"
+        "(steps: engine compose base postgres wheels wheels-cuda env)"
     ]

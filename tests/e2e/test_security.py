@@ -425,9 +425,26 @@ def test_compose_publishes_the_server_on_loopback_only() -> None:
         assert "privileged" not in service and "user" not in service
 
 
+def test_compose_keeps_the_database_on_a_network_only_the_server_joins() -> None:
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    services = compose["services"]
+    assert "ports" not in services["db"] and "expose" not in services["db"]
+    assert services["db"]["networks"] == ["database"]
+    assert compose["networks"]["database"]["internal"] is True
+    joined = {name for name, s in services.items() if "database" in s.get("networks", [])}
+    assert joined == {"db", "mlflow"}, joined
+    # Its password is a secret file, never a value in the compose file or an image.
+    assert services["db"]["environment"]["POSTGRES_PASSWORD_FILE"].startswith("/run/secrets/")
+    assert "POSTGRES_PASSWORD" not in services["db"]["environment"]
+    uri = services["mlflow"]["environment"]["TINYTALE_MLFLOW_DATABASE_URI"]
+    user_info = uri.split("://", 1)[1].rpartition("@")[0]
+    assert ":" not in user_info, uri  # user@host, no user:password@host
+
+
 def test_images_run_as_non_root_with_nothing_secret_baked_in() -> None:
     # The images users run: the trainer's cpu and cuda targets and the server's last stage.
-    finals = {"Dockerfile": ("runtime AS cpu", "runtime AS cuda"), "mlflow.Dockerfile": ("",)}
+    finals = {"Dockerfile": ("runtime AS cpu", "runtime AS cuda"), "mlflow.Dockerfile": ("",),
+              "postgres.Dockerfile": ("",)}
     for name, targets in finals.items():
         text = (REPO / "docker" / name).read_text()
         stages = text.split("\nFROM ")

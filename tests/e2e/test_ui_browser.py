@@ -1,7 +1,8 @@
 """The MLflow UI as a user meets it, in a real headless Chromium against a real server.
 
 What is checked is what the README and the printed links promise: a run's page opens in Model
-training mode on its per-epoch loss charts (no one-point summary charts), the registered
+training mode on its per-epoch loss charts (no one-point summary charts), its samples show
+as a table, the runs table's Dataset column names the corpus, the registered
 model shows its `champion` alias, and a sweep's chart link draws every point's curves side by
 side (not just the parent's). Needs Debian's `chromium` and `chromium-driver`
 (scripts/test.sh installs them); without them the test skips, except under CI=true.
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from tinytale.mlflow_tracker.uris import sweep_charts_url
 
@@ -113,6 +115,22 @@ def test_run_page_model_registry_and_sweep_charts(browser, mlflow_server, tmp_pa
     for summary_metric in ("best_val_loss", "best_epoch", "\nepochs\n"):
         assert summary_metric not in charts, f"{summary_metric!r} is charted again"
 
+    # The samples logged per epoch, drawn by the UI as a table (mlflow.log_table).
+    run_page = summary["run_url"].split("/model-metrics")[0]
+    table = json.loads(Path(MlflowClient(uri).download_artifacts(
+        summary["run_id"], "samples.json", str(tmp_path))).read_text())
+    texts = [row[table["columns"].index("text")] for row in table["data"]]
+    shown = next(t for t in texts if t)[:40]  # the UI wraps long cells; a prefix is on one line
+    page_text(browser, f"{run_page}/artifacts/samples.json?workflowType=machine_learning",
+              ["samples.json", "epoch", "temperature", "val_loss", shown])
+
+    # The runs table's Dataset column names the corpus and its digest.
+    experiment_id = summary["run_url"].split("/#/experiments/")[1].split("/")[0]
+    inputs = MlflowClient(uri).get_run(summary["run_id"]).inputs.dataset_inputs
+    digest = inputs[0].dataset.digest
+    page_text(browser, f"{uri}/#/experiments/{experiment_id}/runs?workflowType=machine_learning",
+              ["Dataset", f"lesson.train ({digest}"])
+
     # The registered model's page lists its versions and the champion alias.
     model = summary["registered_model"]
     page_text(browser, f"{uri}/#/models/{model}?workflowType=machine_learning",
@@ -129,7 +147,6 @@ def test_run_page_model_registry_and_sweep_charts(browser, mlflow_server, tmp_pa
     swept = tinytale("sweep", "sweep.yaml", "--tracking-uri", uri, "--out",
                      str(tmp_path / "runs"), cwd=tmp_path)
     assert swept.returncode == 0, swept.stderr + swept.stdout
-    experiment_id = summary["run_url"].split("/#/experiments/")[1].split("/")[0]
     link = sweep_charts_url(uri, experiment_id, "browser-sweep")
     assert f"every point's curves: {link}" in swept.stdout
     page_text(browser, link, ["dropout=0 (val_loss)", "dropout=0.1 (val_loss)",

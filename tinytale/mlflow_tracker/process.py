@@ -33,11 +33,12 @@ from tinytale.errors import UserError
 from tinytale.mlflow_tracker.uris import is_embedded, resolve_tracking_uri
 from tinytale.tracking import Closed, Registration, RunInfo, RunSummary, Tracker
 
-# Calls whose result the caller uses: sent, then waited for. Every other Tracker method is
-# sent without waiting (the helper takes them in order), except on_progress: it is a no-op
-# for MLflow and runs every micro-batch.
-ASKED = ("publish_model", "costs", "finish")
-NOT_SENT = ("on_progress", "check")
+# Calls whose result (or refusal) the caller uses: sent, then waited for; `check` is one, so
+# what it refuses (e.g. an export that cannot be written) stops the run before it trains.
+# Every other Tracker method is sent without waiting (the helper takes them in order),
+# except on_progress: it is a no-op for MLflow and runs every micro-batch.
+ASKED = ("check", "publish_model", "costs", "finish")
+NOT_SENT = ("on_progress",)
 
 
 def mlflow_tracker_for(config: Any, tracking_uri: str | None) -> Tracker:
@@ -135,6 +136,9 @@ class TrackerProcess(Tracker):
 
     # -- the Tracker calls ---------------------------------------------------------
 
+    def check(self, info: RunInfo) -> None:
+        self._ask("check", info)  # the helper has imported mlflow by now, most of the time
+
     def start(self, info: RunInfo) -> str | None:
         self._post(("call", "start", (info,)))
         return None  # known later: run_id is read live
@@ -197,7 +201,11 @@ def serve(from_training: Connection, to_training: Connection) -> None:
 
     _, config, uri = from_training.recv()
     tracker = MlflowTracker(config, uri)
-    warm_up(uri)
+    # On a thread, so that a `check` asked meanwhile is answered at once; every other call
+    # waits for it (two threads creating one store's tables would race).
+    warming = threading.Thread(target=warm_up, args=(uri,), name="tinytale-store-warm-up",
+                               daemon=True)
+    warming.start()
     failed = False  # start refused the run: nothing more goes to MLflow
     reported_id = None
     while True:
@@ -206,6 +214,8 @@ def serve(from_training: Connection, to_training: Connection) -> None:
         except (EOFError, OSError):
             return  # the training process is gone; the spool holds what it sent
         value, error = None, None
+        if name != "check":
+            warming.join()
         try:
             if not failed:
                 value = getattr(tracker, name)(*args)

@@ -69,15 +69,47 @@ def _package_copy(dest: Path) -> Path:
     return target
 
 
-def _inference_copy(checkpoint: Path, dest: Path) -> Path:
+def _inference_copy(checkpoint: Path, dest: Path) -> tuple[Path, dict[str, Any]]:
     """The checkpoint without what only training needs (AdamW moments, RNG states): about a
-    third of the size to upload, store and serve, and all that loading the model reads."""
+    third of the size to upload, store and serve, and all that loading the model reads.
+    Returns the copy's path and its state."""
     from tinytale.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(checkpoint)
     for key in ("optimizer", "rng"):
         state.pop(key, None)
-    return save_checkpoint(state, dest)
+    return save_checkpoint(state, dest), state
+
+
+EXAMPLE_PROMPT = "once upon a time"
+EXAMPLE_PARAMS = {"max_new_tokens": 50, "temperature": 0.8, "seed": 1}
+
+
+def _input_example(state: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """A request the model answers: the lesson's opening where its tokenizer can encode it
+    (a word model of another corpus may not know these words), else an empty prompt, which
+    starts a new story with any tokenizer. Built from the tokenizer alone: no model load."""
+    from tinytale.tokenizer import TokenizerError, tokenizer_from_dict
+
+    try:
+        tokenizer_from_dict(state["tokenizer"]).encode(EXAMPLE_PROMPT)
+        prompt = EXAMPLE_PROMPT
+    except TokenizerError:  # words (or characters) the corpus never uses
+        prompt = ""
+    return [prompt], dict(EXAMPLE_PARAMS)
+
+
+class _PyfuncSaver:
+    """`mlflow.pyfunc` as Model.log's flavor, minus Model.log's `validate_serving_input`
+    switch, which Model.log also hands to the flavor's save_model and pyfunc's does not take
+    (MLflow's transformers flavor takes it, for the same reason: not loading the model)."""
+
+    __name__ = "mlflow.pyfunc"  # the flavor name Model.log records
+
+    @staticmethod
+    def save_model(**kwargs: Any) -> Any:
+        kwargs.pop("validate_serving_input", None)
+        return mlflow.pyfunc.save_model(**kwargs)
 
 
 def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id: str | None,
@@ -119,15 +151,21 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
             params=dict(client.get_run(run_id).data.params))
         with tempfile.TemporaryDirectory(prefix="tinytale-model-") as tmp:
             package = _package_copy(Path(tmp))
-            weights = _inference_copy(checkpoint, Path(tmp) / checkpoint.name)
-            with warnings.catch_warnings():  # "no input example": on purpose, it costs a load
+            weights, state = _inference_copy(checkpoint, Path(tmp) / checkpoint.name)
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                # The example is written as input_example.json and serving_input_example.json
+                # (the UI shows how to call the model); with the signature given and
+                # validate_serving_input off, MLflow neither loads the model nor predicts.
+                # step = the best epoch: MLflow links the run's metrics at that step
+                # (val_loss, val_perplexity, ...) to the LoggedModel as its model metrics.
                 info = Model.log(
-                    artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
+                    artifact_path=None, name=MODEL_NAME, flavor=_PyfuncSaver, run_id=run_id,
                     python_model=str(SERVED_MODEL), artifacts={"checkpoint": str(weights)},
                     code_paths=[str(package)], pip_requirements=list(MODEL_REQUIREMENTS),
                     signature=_signature(), step=int(best_epoch or 0),
-                    model_id=pending.model_id,
+                    model_id=pending.model_id, input_example=_input_example(state),
+                    validate_serving_input=False,
                 )
         model_uri, model_id = info.model_uri, info.model_id
     client.set_tag(run_id, "tinytale.model_id", model_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -22,6 +23,8 @@ from tinytale.mlflow_tracker.connection import (
     ensure_experiment,
     make_client,
 )
+from tinytale.mlflow_tracker.hf_artifact import log_hf_folder
+from tinytale.mlflow_tracker.inputs_tables import log_datasets, log_samples_table
 from tinytale.mlflow_tracker.pyfunc import log_and_register
 from tinytale.mlflow_tracker.spool import Spool
 from tinytale.mlflow_tracker.uris import server_healthy
@@ -201,6 +204,10 @@ class Replayer:
                 client.log_batch(self._require_run(), tags=chunk, synchronous=True)
         elif op == "text":
             client.log_text(self._require_run(), rec["text"], rec["name"])
+        elif op == "inputs":
+            log_datasets(client, self._require_run(), rec["datasets"])
+        elif op == "samples":
+            log_samples_table(client, self._require_run(), rec["rows"])
         elif op == "model":
             self.registered = self._log_model(client, rec)
         elif op == "end":
@@ -267,6 +274,8 @@ class Replayer:
         self.pushed_metrics += len(batch)
 
     def _log_model(self, client: MlflowClient, rec: dict[str, Any]) -> dict[str, Any]:
+        if rec.get("export_hf"):
+            log_hf_folder(client, self._require_run(), Path(rec["checkpoint"]))
         return log_and_register(client, self.uri, self._require_run(), self.experiment_id,
                                 rec, self.spool)
 

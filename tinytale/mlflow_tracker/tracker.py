@@ -84,6 +84,10 @@ class MlflowTracker(Tracker):
         """Ask a server whether it lets us log (once): UserError for one that answers but
         refuses us (401/403); an unreachable server is fine (the spool keeps the run)."""
         if not self._checked:
+            if self.config.tracking.export_hf:
+                from tinytale.export_hf import require_writer
+
+                require_writer()  # before training, not after it
             use_mlflow_settings()
             check_access(self.uri, info.experiment)
             self._checked = True
@@ -114,6 +118,8 @@ class MlflowTracker(Tracker):
                 "tracking_uri": self.uri,
             })
             self.spool.append({"op": "params", "params": info.params})
+            if info.datasets:
+                self.spool.append({"op": "inputs", "datasets": info.datasets})
             if info.config_yaml:
                 self.spool.append({"op": "text", "name": "config.yaml",
                                    "text": info.config_yaml})
@@ -272,6 +278,11 @@ class MlflowTracker(Tracker):
     def log_text(self, name: str, text: str) -> None:
         self.spool.append({"op": "text", "name": name, "text": text})
 
+    def log_samples(self, epoch: int, rows: list[dict[str, Any]]) -> None:
+        start = time.perf_counter()
+        self.spool.append({"op": "samples", "epoch": int(epoch), "rows": rows})
+        self._loop_s += time.perf_counter() - start
+
     # -- the end -----------------------------------------------------------------------------
 
     def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration:
@@ -286,6 +297,7 @@ class MlflowTracker(Tracker):
             "op": "model", "checkpoint": str(Path(checkpoint).resolve()),
             "summary": safe_summary, "register": bool(tracking.register),
             "registered_model": tracking.registered_model, "local_id": self.local_id,
+            "export_hf": bool(tracking.export_hf),
         })
         t0 = time.perf_counter()
         try:
