@@ -69,7 +69,7 @@ class TrackerProcess(Tracker):
         to_helper, from_training = os.pipe()
         to_training, from_helper = os.pipe()
         # Its own session: a Ctrl-C at the terminal goes to the training, which then still
-        # finishes the run through the helper. Its stdout is our stderr (see serve).
+        # finishes the run through the helper. Its stdout is our stderr (see main).
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tinytale.mlflow_tracker.process", str(to_helper),
              str(from_helper)], pass_fds=(to_helper, from_helper), start_new_session=True,
