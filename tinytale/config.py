@@ -39,9 +39,7 @@ class ModelConfig:
     n_head: int = _doc("attention heads per block; must divide n_embd", default=4)
     n_embd: int = _doc("width of the residual stream", default=64)
     block_size: int = _doc("context length in tokens", default=32)
-    dropout: float = _doc(
-        "dropout probability on the embeddings and each block's attention and MLP outputs "
-        "(not on attention weights: that would leave the fused attention kernel)", default=0.0)
+    dropout: float = _doc("dropout probability in attention, MLP and embeddings", default=0.0)
     bias: bool = _doc("use bias terms in linear layers and LayerNorm", default=True)
 
     def validate(self) -> None:
