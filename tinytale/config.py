@@ -71,6 +71,12 @@ class DataConfig:
         "step between training windows in tokens; null means block_size (no overlap)",
         default=None,
     )
+    window_offset: Literal["fixed", "random"] = _doc(
+        "fixed: training windows start at 0, stride, 2 x stride, ...; random: each epoch "
+        "shifts them all by an offset in [0, stride) drawn from train.seed and the epoch "
+        "(validation windows never move)",
+        default="fixed",
+    )
     bpe_vocab_size: int = _doc("vocabulary size for the bpe tokenizer", default=512)
     n_stories: int | None = _doc(
         "number of stories to generate for a built-in corpus (null: the corpus default)",

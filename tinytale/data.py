@@ -55,27 +55,52 @@ class TokenWindows(Dataset):
 
     The windows are a strided view (`unfold`), so a batch is one indexing op, not a Python
     loop over samples (`__getitems__` is what DataLoader calls for a whole batch).
+    With `offset="random"`, `set_epoch(epoch)` shifts every window start by one offset in
+    [0, stride) drawn from `(seed, epoch)` alone (so a resumed run and every rank agree): over
+    the epochs the model sees the text cut at other places, as random windows do. The number
+    of windows stays that of offset 0; a last window that would run past the end ends there.
     """
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, stride: int):
+    def __init__(self, tokens: torch.Tensor, block_size: int, stride: int,
+                 offset: str = "fixed", seed: int = 0):
         self.tokens = tokens
         self.block_size = block_size
         self.stride = stride
+        self.offset_mode, self.seed = offset, seed
+        self.offset = 0  # of the current epoch; 0 until set_epoch draws one
         if len(tokens) < block_size + 1:
             self.windows = tokens.new_empty((0, block_size + 1))
         else:
             self.windows = tokens.unfold(0, block_size + 1, stride)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Use `epoch`'s window offset (like DistributedSampler.set_epoch); fixed: always 0."""
+        if self.offset_mode != "random" or self.stride == 1 or len(self) == 0:
+            return
+        # A string seed is hashed the same in every process (unlike hash()).
+        self.offset = random.Random(f"window-offset:{self.seed}:{epoch}").randrange(self.stride)
+
+    def starts(self, indices: torch.Tensor) -> torch.Tensor:
+        """First token of each window in `indices` at the current offset."""
+        last = len(self.tokens) - (self.block_size + 1)
+        return (indices * self.stride + self.offset).clamp_(max=last)
+
+    def _rows(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.offset == 0:
+            return self.windows[indices]
+        # Every window start, a view like self.windows: nothing is copied but the batch.
+        return self.tokens.unfold(0, self.block_size + 1, 1)[self.starts(indices)]
+
     def __len__(self) -> int:
         return self.windows.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window = self.windows[index].long()
+        window = self._rows(torch.tensor([index]))[0].long()
         return window[:-1], window[1:]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # .long(): token files on disk are uint16/uint32; a no-op for in-memory streams.
-        batch = self.windows[torch.as_tensor(indices, dtype=torch.long)].long()
+        batch = self._rows(torch.as_tensor(indices, dtype=torch.long)).long()
         return batch[:, :-1], batch[:, 1:]
 
 
@@ -158,6 +183,8 @@ def build_data(
     batch_size: int = 1,
     grad_accum_steps: int = 1,
     world_size: int | None = None,
+    window_offset: str = "fixed",
+    offset_seed: int = 0,
 ) -> DataBundle:
     train_stories, val_stories = split_stories(stories, val_fraction, seed)
     if train_fraction < 1.0:
@@ -165,7 +192,8 @@ def build_data(
     return windows_from_tokens(
         tokenizer, encode_stories(tokenizer, train_stories),
         encode_stories(tokenizer, val_stories), len(train_stories), len(val_stories),
-        block_size, stride, batch_size, grad_accum_steps, world_size,
+        block_size, stride, batch_size, grad_accum_steps, world_size, window_offset,
+        offset_seed,
     )
 
 
@@ -194,12 +222,16 @@ def windows_from_tokens(
     tokenizer: Tokenizer, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
     n_train_stories: int, n_val_stories: int, block_size: int, stride: int | None,
     batch_size: int, grad_accum_steps: int, world_size: int | None = None,
+    window_offset: str = "fixed", offset_seed: int = 0,
 ) -> DataBundle:
     """Cut both token streams into windows; refuse sizes that cannot train or validate.
 
     `world_size` is the number of training processes (None: torchrun's WORLD_SIZE, else 1).
+    `window_offset` ("fixed" | "random") and `offset_seed` are the training windows'
+    (TokenWindows); validation windows never move.
     """
-    train = TokenWindows(train_tokens, block_size, stride or block_size)
+    train = TokenWindows(train_tokens, block_size, stride or block_size, window_offset,
+                         offset_seed)
     val = TokenWindows(val_tokens, block_size, block_size)
     if world_size is None:
         world_size = distributed.from_env().world_size

@@ -77,7 +77,7 @@ def prepare_data(config: Config, tokenizer: Tokenizer | None = None,
         stories, tokenizer, config.model.block_size, d.val_fraction, d.seed,
         train_fraction=d.train_fraction, stride=d.stride,
         batch_size=config.train.batch_size, grad_accum_steps=config.train.grad_accum_steps,
-        world_size=world_size,
+        world_size=world_size, window_offset=d.window_offset, offset_seed=config.train.seed,
     )
 
 
@@ -105,7 +105,8 @@ def prepare_streamed(config: Config, files: list[Path], tokenizer: Tokenizer | N
     return windows_from_tokens(
         tokenizer, train_tokens, token_files.tokens("val"), token_files.n_train_stories,
         token_files.n_val_stories, config.model.block_size, d.stride,
-        config.train.batch_size, config.train.grad_accum_steps, world_size,
+        config.train.batch_size, config.train.grad_accum_steps, world_size, d.window_offset,
+        config.train.seed,
     )
 
 

@@ -241,6 +241,7 @@ def train_epoch(loop: Loop, state: TrainState) -> Ending | None:
     """The epoch `state` stands in, from its next micro-batch on; an Ending if training stops."""
     cfg, d = loop.cfg, loop.dist
     sums = EpochAccumulator(state, loop.device)
+    loop.data.train.set_epoch(state.epoch)  # its window offset, from (seed, epoch) alone
     batches = iter(train_loader(loop.data.train, cfg.batch_size, cfg.seed, state.epoch,
                                 start=state.batch, pin_memory=loop.device.type == "cuda",
                                 rank=d.rank, world=d.world_size))

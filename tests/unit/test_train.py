@@ -260,3 +260,21 @@ def test_skipping_more_than_max_skipped_steps_fails(tmp_path, monkeypatch, sync_
     assert result.status == "FAILED" and "non-finite" in result.reason
     assert result.state.skipped_steps == 2
     assert result.last_checkpoint is None  # nothing of the failing epoch was written
+
+
+def test_random_window_offsets_change_training_and_resume_bit_for_bit(tmp_path):
+    overrides = ["train.epochs=3", "data.stride=8", "data.window_offset=random"]
+    fixed, _ = run_fit(tmp_path / "fixed", ["train.epochs=3", "data.stride=8"])
+    straight, _ = run_fit(tmp_path / "straight", overrides)
+    assert [h["train_loss"] for h in fixed.state.history] != \
+        [h["train_loss"] for h in straight.state.history]
+
+    stop = StopRequest()
+    first, _ = run_fit(tmp_path / "cut", overrides, tracker=StopAt(stop, 2, 5), stop=stop)
+    assert first.status == "KILLED"
+    saved = load_checkpoint(tmp_path / "cut" / LAST)
+    assert saved["train_state"]["epoch"] == 2 and saved["train_state"]["batch"] == 5
+    resumed, _ = run_fit(tmp_path / "cut", overrides, resume=saved)
+    assert resumed.status == "FINISHED"
+    for a, b in zip(straight.state.history, resumed.state.history, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
