@@ -35,6 +35,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # support.stopping: the tests' StopAt
+
+from support.stopping import StopAt  # noqa: E402
 
 from tinytale import train as train_mod  # noqa: E402 (after the path: a bare copy of the tree)
 from tinytale.checkpoint import LAST, load_checkpoint  # noqa: E402
@@ -128,15 +131,6 @@ def check_nonfinite_guard(device: torch.device, tmp: Path) -> dict:
     return {"ok": result.status == "FINISHED" and result.state.skipped_steps == 1,
             "guard_on_device": train_mod.device_choices(device).guard_on_device,
             "skipped_steps": result.state.skipped_steps, "status": result.status}
-
-
-class StopAt(Tracker):
-    def __init__(self, stop: StopRequest, epoch: int, batch: int):
-        self.stop, self.epoch, self.batch = stop, epoch, batch
-
-    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
-        if (epoch, batch) == (self.epoch, self.batch):
-            self.stop.request("SIGTERM")
 
 
 def check_resume(device: torch.device, tmp: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.stopping import StopAt
 
 from tinytale import train
 from tinytale.checkpoint import LAST, load_checkpoint
@@ -109,15 +110,16 @@ def test_checkpoint_fields_are_read_at_each_write(tmp_path):
     assert after["config"] == cfg.to_dict()
 
 
-class StopAt(Tracker):
-    """Asks the loop to stop once it reaches a given micro-batch of a given epoch."""
-
-    def __init__(self, stop: StopRequest, epoch: int, batch: int):
-        self.stop, self.epoch, self.batch = stop, epoch, batch
-
-    def on_progress(self, epoch: int, batch: int, n_batches: int) -> None:
-        if (epoch, batch) == (self.epoch, self.batch):
-            self.stop.request("SIGTERM")
+def cut_at_epoch_2_batch_5_and_resume(folder: Path, overrides: list[str]):
+    """Stop a run at micro-batch 5 of epoch 2 (as SIGTERM would), then resume it from last.pt."""
+    stop = StopRequest()
+    first, _ = run_fit(folder, overrides, tracker=StopAt(stop, 2, 5), stop=stop)
+    assert first.status == "KILLED"
+    saved = load_checkpoint(folder / LAST)
+    assert saved["train_state"]["epoch"] == 2 and saved["train_state"]["batch"] == 5
+    resumed, _ = run_fit(folder, overrides, resume=saved)
+    assert resumed.status == "FINISHED"
+    return resumed
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["cpu-writes", "gpu-style-writer"])
@@ -127,13 +129,7 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, back
     straight, _ = run_fit(tmp_path / "straight", overrides)
 
     as_on_a_gpu(monkeypatch, background_checkpoints=background)
-    stop = StopRequest()
-    first, _ = run_fit(tmp_path / "cut", overrides, tracker=StopAt(stop, 2, 5), stop=stop)
-    assert first.status == "KILLED"
-    saved = load_checkpoint(tmp_path / "cut" / LAST)
-    assert saved["train_state"]["epoch"] == 2 and saved["train_state"]["batch"] == 5
-    resumed, _ = run_fit(tmp_path / "cut", overrides, resume=saved)
-    assert resumed.status == "FINISHED"
+    resumed = cut_at_epoch_2_batch_5_and_resume(tmp_path / "cut", overrides)
     assert load_checkpoint(resumed.last_checkpoint)["finished"]  # on disk when fit() returned
     assert [h["epoch"] for h in resumed.state.history] == [1, 2, 3]
     for a, b in zip(straight.state.history, resumed.state.history, strict=True):
@@ -269,12 +265,6 @@ def test_random_window_offsets_change_training_and_resume_bit_for_bit(tmp_path):
     assert [h["train_loss"] for h in fixed.state.history] != \
         [h["train_loss"] for h in straight.state.history]
 
-    stop = StopRequest()
-    first, _ = run_fit(tmp_path / "cut", overrides, tracker=StopAt(stop, 2, 5), stop=stop)
-    assert first.status == "KILLED"
-    saved = load_checkpoint(tmp_path / "cut" / LAST)
-    assert saved["train_state"]["epoch"] == 2 and saved["train_state"]["batch"] == 5
-    resumed, _ = run_fit(tmp_path / "cut", overrides, resume=saved)
-    assert resumed.status == "FINISHED"
+    resumed = cut_at_epoch_2_batch_5_and_resume(tmp_path / "cut", overrides)
     for a, b in zip(straight.state.history, resumed.state.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
