@@ -6,6 +6,7 @@ Mistakes a user can fix (`UserError`) print one sentence on stderr and exit with
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -149,6 +150,9 @@ def train(
         from tinytale.run import run_description, train_run
         from tinytale.train import StopRequest
 
+        # The imports' objects (torch's, ~10^5) live until exit: kept out of every garbage
+        # collection, during training and at exit, where collecting them took ~0.3 s.
+        gc.freeze()
         stop = StopRequest()
         tags = {"mlflow.note.content": run_description(config, overrides),
                 **(_env_run_tags() or {})}
@@ -156,6 +160,7 @@ def train(
             outcome = train_run(cfg, out, tracker, resume=resume, stop=stop,
                                 parent_run_id=os.environ.get("TINYTALE_PARENT_RUN_ID"),
                                 extra_tags=tags)
+    gc.freeze()  # and what the run imported since (torch._dynamo, with the optimizer)
     summary = outcome.summary
     if rank != 0:
         pass  # under torchrun the summary is rank 0's: other ranks wrote no checkpoint

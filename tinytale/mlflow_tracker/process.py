@@ -33,11 +33,10 @@ from tinytale.errors import UserError
 from tinytale.mlflow_tracker.uris import is_embedded, resolve_tracking_uri
 from tinytale.tracking import Closed, Registration, RunInfo, RunSummary, Tracker
 
-# Calls whose result (or refusal) the caller uses: sent, then waited for; `check` is one, so
-# what it refuses (e.g. an export that cannot be written) stops the run before it trains.
-# Every other Tracker method is sent without waiting (the helper takes them in order),
-# except on_progress: it is a no-op for MLflow and runs every micro-batch.
-ASKED = ("check", "publish_model", "costs", "finish")
+# Calls whose result the caller uses: sent, then waited for. Every other Tracker method is
+# sent without waiting (the helper takes them in order), except on_progress (a no-op for
+# MLflow that runs every micro-batch) and check, answered here (see TrackerProcess.check).
+ASKED = ("publish_model", "costs", "finish")
 NOT_SENT = ("on_progress",)
 
 
@@ -60,6 +59,7 @@ class TrackerProcess(Tracker):
 
     def __init__(self, config: Any, uri: str):
         self.uri = uri
+        self._export_hf = bool(config.tracking.export_hf)
         self._run_id: str | None = None
         self._start_error: UserError | None = None
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
@@ -137,7 +137,14 @@ class TrackerProcess(Tracker):
     # -- the Tracker calls ---------------------------------------------------------
 
     def check(self, info: RunInfo) -> None:
-        self._ask("check", info)  # the helper has imported mlflow by now, most of the time
+        """Here, without waiting for the helper: an embedded store has no server to refuse
+        us (MlflowTracker.check asks servers only), so what is left to check before training
+        is the export's writer. Waiting would hold the training back until the helper has
+        imported mlflow (about 2 s on a 2-core machine)."""
+        if self._export_hf:
+            from tinytale.export_hf import require_writer
+
+            require_writer()
 
     def start(self, info: RunInfo) -> str | None:
         self._post(("call", "start", (info,)))
@@ -201,11 +208,7 @@ def serve(from_training: Connection, to_training: Connection) -> None:
 
     _, config, uri = from_training.recv()
     tracker = MlflowTracker(config, uri)
-    # On a thread, so that a `check` asked meanwhile is answered at once; every other call
-    # waits for it (two threads creating one store's tables would race).
-    warming = threading.Thread(target=warm_up, args=(uri,), name="tinytale-store-warm-up",
-                               daemon=True)
-    warming.start()
+    warm_up(uri)  # the training process does not wait: its calls queue in the channel
     failed = False  # start refused the run: nothing more goes to MLflow
     reported_id = None
     while True:
@@ -214,8 +217,6 @@ def serve(from_training: Connection, to_training: Connection) -> None:
         except (EOFError, OSError):
             return  # the training process is gone; the spool holds what it sent
         value, error = None, None
-        if name != "check":
-            warming.join()
         try:
             if not failed:
                 value = getattr(tracker, name)(*args)
