@@ -231,3 +231,54 @@ def test_embedded_default_store(tiny_overrides, tmp_path, monkeypatch):
     rows = json.loads(listing.stdout)
     first = next(r for r in rows if r["run_id"] == summary["run_id"])
     assert first["epochs"] == 2 and first["registered_version"] == "1"
+
+
+def test_a_new_embedded_store_starts_from_an_empty_copy(tiny_overrides, tmp_path, monkeypatch):
+    """The first store a training creates leaves an empty copy in the user's cache (no
+    experiment, no run); the next new store starts from it instead of MLflow's migrations,
+    gets a Default experiment naming its own folder, and takes a run and a model as usual.
+    A damaged copy is not used, and is replaced."""
+    import sqlite3
+
+    import mlflow
+
+    from tinytale.mlflow_tracker.store_seed import keep_seed, seed_store
+
+    cache = tmp_path / "cache"
+    seed = cache / "tinytale" / f"mlflow-{mlflow.__version__}-empty.db"
+    env = {"MLFLOW_TRACKING_URI": None, "XDG_CACHE_HOME": str(cache)}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))  # for seed_store/keep_seed below
+
+    def counts(db: Path) -> tuple[int, int]:
+        with sqlite3.connect(db) as c:
+            return (c.execute("SELECT count(*) FROM experiments").fetchone()[0],
+                    c.execute("SELECT count(*) FROM alembic_version").fetchone()[0])
+
+    summaries = {}
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        summaries[name] = train([*sets(tiny_overrides), "--set", "train.epochs=1", "--out",
+                                 "runs"], env=env)
+        assert seed.is_file() and counts(seed) == (0, 1)  # kept by the first, unchanged
+    second = tmp_path / "second"
+    client = MlflowClient(f"sqlite:///{second / 'mlflow.db'}")
+    default = client.get_experiment("0")
+    assert default.name == "Default" and str(second) in default.artifact_location
+    run = client.get_run(summaries["second"]["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "tinytale"
+    assert steps_of(client, run.info.run_id, "val_loss") == [1]
+    assert summaries["second"]["registered_version"] == "1"
+
+    # Seeding itself: a byte copy of the kept store, never over an existing one.
+    third = tmp_path / "third.db"
+    assert seed_store(third) and third.read_bytes() == seed.read_bytes()
+    assert not seed_store(third)
+    seed.write_bytes(b"not a database")  # damaged: MLflow creates the store, as without
+    assert not seed_store(tmp_path / "fourth.db")
+    assert not (tmp_path / "fourth.db").exists()
+    keep_seed(second / "mlflow.db")  # a store with runs in it is not kept ...
+    assert seed.read_bytes() == b"not a database"
+    MlflowClient(f"sqlite:///{tmp_path / 'fresh.db'}").search_experiments()
+    keep_seed(tmp_path / "fresh.db")  # ... an empty one is, over the damaged copy
+    assert counts(seed) == (0, 1)

@@ -243,12 +243,18 @@ def serve(from_training: Connection, to_training: Connection) -> None:
 
 def warm_up(uri: str) -> None:
     """Open the store now (creating a fresh one's tables: the slow part), while the training
-    process is still importing torch and reading data, not when the run starts."""
+    process is still importing torch and reading data, not when the run starts. A new store
+    starts as a copy of an empty one kept from the last store created (store_seed.py)."""
     from tinytale.mlflow_tracker.connection import make_client
+    from tinytale.mlflow_tracker.store_seed import keep_seed, seed_store
 
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    created = not db.exists() and not seed_store(db)
     # Any failure here is the run's own start's to report, in its words.
     with contextlib.suppress(Exception):
         make_client(uri).search_experiments(max_results=1)
+        if created:
+            keep_seed(db)
 
 
 def main(argv: list[str]) -> None:
