@@ -211,6 +211,36 @@ def startup_bench(repeats: int) -> dict:
             **{f"{k}_all_s": [round(t, 2) for t in v] for k, v in times.items()}}
 
 
+def goals(results: list[dict]) -> list[str]:
+    """Issue 16's goals against this invocation's figures: one line each, met or not."""
+    by = {r["section"]: r for r in results if "error" not in r}
+    lines = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    for s in by.get("precision", {}).get("speed", []):
+        native = by["precision"].get("native_bf16")
+        want = 1.5 if native and s["auto_picks"] == "bf16" else 1.0
+        lines.append(f"{s['setting']}: fit() as shipped x{s['fit-auto_ratio']:.2f} of the eager "
+                     f"fp32 loop ({s['auto_picks']}), compiled x{s['fit-compiled_ratio']:.2f} "
+                     f"after {s['compile_s']} s; goal >= {want}x as shipped: "
+                     f"{verdict(s['fit-auto_ratio'] >= want)}")
+    if "startup" in by:
+        r = by["startup"]
+        lines.append(f"lesson, whole process: first run {r['first_run_s']} s, later runs "
+                     f"{r['later_run_s']} s, untracked {r['no_tracking_s']} s; goal <= 5 s: "
+                     f"{verdict(max(r['first_run_s'], r['later_run_s']) <= 5)}")
+    if "time-to-quality" in by:
+        runs = by["time-to-quality"]["runs"]
+        ours, loop = runs["tinytale"]["time_to_loop_final_s"], runs["loop"]["time_to_loop_final_s"]
+        lines.append(f"time to the loop's final val loss "
+                     f"{by['time-to-quality']['loop_final_val_loss']}: tinytale "
+                     f"{ours if ours is not None else 'never'} s, loop {loop} s; goal sooner: "
+                     f"{verdict(ours is not None and ours < loop)}")
+    return lines
+
+
 def previous_results(path: Path) -> list[dict]:
     """The figures already in the results file (each with its date), or none."""
     try:
@@ -265,6 +295,8 @@ def main() -> None:
     for r in results:
         figures = ", ".join(f"{k}={v}" for k, v in r.items() if k != "section")
         print(f"{r['section']:>11}: {figures}")
+    for line in goals(results):
+        print(f"goal: {line}")
     print(f"written to {args.out}")
 
 
