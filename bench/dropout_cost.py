@@ -11,8 +11,11 @@ turns in a rotating order, after a warm-up round that is not counted:
                 residual branches only, SDPA stays fused
 
 Each measurement is the plain training step of bench/cpu_speed.py (random windows, forward,
-backward, AdamW, one .item()) for a fixed number of steps; ratios to `off` are medians of
-per-round ratios, so drift of a shared machine hits the variants alike.
+backward, AdamW, one .item()) for a fixed number of steps, timed twice: wall clock (tokens/s)
+and this process's CPU time (tokens per CPU-second). Ratios to `off` are medians of per-round
+ratios, so drift of a shared machine hits the variants alike; on a busy machine the wall
+clock also counts the seconds other jobs took the core, the CPU time does not (at 1 thread
+the two agree on an idle machine), so its ratios are the steadier ones there.
 
     python bench/dropout_cost.py --repeats 3 --threads 1
 """
@@ -32,20 +35,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from cpu_speed import baseline_tokens_per_sec  # noqa: E402
 from precision import cpu_model  # noqa: E402
 
 from tinytale.config import load_config  # noqa: E402
-from tinytale.run import prepare_data  # noqa: E402
+from tinytale.run import build_model, prepare_data  # noqa: E402
 
 CHAR = ["data.corpus=fairy", "data.tokenizer=char", "train.batch_size=12", "train.lr=1e-3",
         "train.device=cpu", "tracking.samples=0"]
 # (overrides, steps per measurement): a few seconds each at one thread.
 MODELS = {
     "baby-gpt-128": ([*CHAR, "model.n_layer=4", "model.n_head=4", "model.n_embd=128",
-                      "model.block_size=64", "data.n_stories=120"], 40),
+                      "model.block_size=64", "data.n_stories=120"], 60),
     "char-384": ([*CHAR, "model.n_layer=6", "model.n_head=6", "model.n_embd=384",
-                  "model.block_size=128", "data.n_stories=16"], 4),
+                  "model.block_size=128", "data.n_stories=16"], 6),
 }
 VARIANTS = {
     "off": ["model.dropout=0.0", "model.attn_dropout=0.0"],
@@ -53,6 +55,28 @@ VARIANTS = {
     "resid-0.1": ["model.dropout=0.1", "model.attn_dropout=0.0"],
 }
 DEFAULT_THREADS = torch.get_num_threads()  # before any set_num_threads below
+
+
+def tokens_per_sec(cfg, tokens: torch.Tensor, vocab_size: int, steps: int
+                   ) -> tuple[float, float]:
+    """bench/cpu_speed.py's eager step: (tokens per wall second, tokens per CPU second)."""
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    B, T = cfg.train.batch_size, cfg.model.block_size
+    model.train()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        ix = torch.randint(len(tokens) - T - 1, (B,))
+        x = torch.stack([tokens[i : i + T] for i in ix])
+        y = torch.stack([tokens[i + 1 : i + T + 1] for i in ix])
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+    n = steps * B * T
+    return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
 
 
 def cost(name: str, repeats: int, threads: int) -> dict:
@@ -63,18 +87,21 @@ def cost(name: str, repeats: int, threads: int) -> dict:
     tokens, vocab = data.train.tokens, data.tokenizer.vocab_size
     names = list(VARIANTS)
     tps: dict[str, list[float]] = {v: [] for v in names}
+    tpc: dict[str, list[float]] = {v: [] for v in names}
     for i in range(repeats + 1):  # round 0: warm-up, not counted
         for v in names[i % len(names):] + names[:i % len(names)]:
-            t = baseline_tokens_per_sec(configs[v], tokens, vocab, steps)
+            wall, cpu = tokens_per_sec(configs[v], tokens, vocab, steps)
             if i > 0:
-                tps[v].append(t)
+                tps[v].append(wall)
+                tpc[v].append(cpu)
     out = {"model": name, "n_embd": configs["off"].model.n_embd,
            "block_size": configs["off"].model.block_size, "threads": torch.get_num_threads(),
            "steps_per_measurement": steps}
     for v in names:
-        out[f"{v}_tokens_per_sec"] = round(statistics.median(tps[v]))
-        out[f"{v}_ratio"] = round(statistics.median(
-            a / b for a, b in zip(tps[v], tps["off"], strict=True)), 3)
+        for unit, seen in (("sec", tps), ("cpu_sec", tpc)):
+            out[f"{v}_tokens_per_{unit}"] = round(statistics.median(seen[v]))
+            out[f"{v}_{unit}_ratio"] = round(statistics.median(
+                a / b for a, b in zip(seen[v], seen["off"], strict=True)), 3)
     return out
 
 
@@ -91,13 +118,15 @@ def main() -> None:
               "models": [cost("baby-gpt-128", args.repeats, 1),
                          cost("char-384", args.repeats, args.threads)]}
     result["seconds"] = round(time.perf_counter() - started)
-    print(f"CPU {result['cpu']}, {args.repeats} rounds; tokens/s medians, ratios to dropout "
-          "off are medians of per-round ratios")
-    print(f"  {'model':<14} {'threads':>7} " + " ".join(f"{v:>20}" for v in VARIANTS))
+    print(f"CPU {result['cpu']}, {args.repeats} rounds; medians of tokens per wall second "
+          "(/s) and per CPU second (/cpu-s); ratios to dropout off are medians of per-round "
+          "ratios")
+    print(f"  {'model':<14} {'threads':>7} {'per':>6} " + " ".join(f"{v:>16}" for v in VARIANTS))
     for m in result["models"]:
-        cells = " ".join(f"{m[f'{v}_tokens_per_sec']:>11} x{m[f'{v}_ratio']:<7.2f}"
-                         for v in VARIANTS)
-        print(f"  {m['model']:<14} {m['threads']:>7} {cells}")
+        for unit, label in (("sec", "/s"), ("cpu_sec", "/cpu-s")):
+            cells = " ".join(f"{m[f'{v}_tokens_per_{unit}']:>10} x{m[f'{v}_{unit}_ratio']:.2f}"
+                             for v in VARIANTS)
+            print(f"  {m['model']:<14} {m['threads']:>7} {label:>6} {cells}")
     print(json.dumps(result))
 
 
