@@ -19,6 +19,8 @@ this one invocation, because shared machines are noisy. Sections (default: all b
                tokens/s and MFU, torch.compile vs eager (needs a GPU)
   precision    bf16 autocast and torch.compile vs the plain eager fp32 loop, 128 and 384
                wide, compile time apart; fp32 vs bf16 loss curves (bench/precision.py)
+  dropout      what dropout 0.1 costs a training step with and without attention-weight
+               dropout, 128 and 384 wide (bench/dropout_cost.py)
   startup      whole `tinytale train` process for the lesson, tracked into a fresh embedded
                store (first run) and into the same store again (later runs), and untracked
   time-to-quality  baby GPT, tinytale vs the plain eager loop: validation loss against wall
@@ -261,7 +263,7 @@ def main() -> None:
     sections = ["lesson", "baby-gpt", "cpu-speed", "tracking", "compare", "data-scale", "docker",
                 "gpu"]
     sections.append("tracking-load")  # needs Docker, like `docker`: not a default section
-    sections += ["precision", "startup", "time-to-quality"]
+    sections += ["precision", "dropout", "startup", "time-to-quality"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("only", nargs="*", metavar="SECTION",
                         help=f"some of: {', '.join(sections)} (default: all but docker and gpu)")
@@ -327,6 +329,8 @@ def run_section(section: str, args: argparse.Namespace) -> dict:
         return gpu_bench(args.repeats)
     if section == "precision":
         return script_bench("precision", "precision.py", ["--repeats", str(args.repeats)])
+    if section == "dropout":
+        return script_bench("dropout", "dropout_cost.py", ["--repeats", str(args.repeats)])
     if section == "startup":
         return startup_bench(max(args.repeats, 5))
     if section == "time-to-quality":

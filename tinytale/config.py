@@ -39,7 +39,15 @@ class ModelConfig:
     n_head: int = _doc("attention heads per block; must divide n_embd", default=4)
     n_embd: int = _doc("width of the residual stream", default=64)
     block_size: int = _doc("context length in tokens", default=32)
-    dropout: float = _doc("dropout probability in attention, MLP and embeddings", default=0.0)
+    dropout: float = _doc(
+        "dropout probability on the embeddings and after the attention and MLP branches",
+        default=0.0,
+    )
+    attn_dropout: float = _doc(
+        "dropout probability on the attention weights; 0 keeps scaled_dot_product_attention "
+        "on its fused kernel, which attention dropout pushes off it on a CPU",
+        default=0.0,
+    )
     bias: bool = _doc("use bias terms in linear layers and LayerNorm", default=True)
 
     def validate(self) -> None:
@@ -48,6 +56,7 @@ class ModelConfig:
         _positive("model.n_embd", self.n_embd)
         _positive("model.block_size", self.block_size)
         _in_range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        _in_range("model.attn_dropout", self.attn_dropout, 0.0, 1.0, hi_open=True)
         if self.n_embd % self.n_head != 0:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
@@ -281,6 +290,17 @@ class Config:
             check_section(section, where=f" in {source}")
             kwargs[section] = _build_section(section, _SECTIONS[section], value or {}, source)
         return cls(**kwargs).validate()
+
+    @classmethod
+    def from_checkpoint(cls, raw: Any, source: str = "checkpoint") -> Config:
+        """The config a checkpoint was trained with. Checkpoints written before
+        model.attn_dropout existed applied model.dropout to the attention weights too, so a
+        model section without the key reads it as dropout: a resumed run trains on as it did.
+        (A user's YAML without it gets the default 0.)"""
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if isinstance(model, dict) and "attn_dropout" not in model and "dropout" in model:
+            raw = {**raw, "model": {**model, "attn_dropout": model["dropout"]}}
+        return cls.from_dict(raw, source)
 
 
 _SECTIONS: dict[str, type] = {

@@ -91,7 +91,8 @@ def gpt2_config(model: dict[str, Any], vocab_size: int, eos_id: int) -> dict[str
         "layer_norm_epsilon": 1e-5,
         "resid_pdrop": model["dropout"],
         "embd_pdrop": model["dropout"],
-        "attn_pdrop": model["dropout"],
+        # Checkpoints from before model.attn_dropout applied dropout to attention too.
+        "attn_pdrop": model.get("attn_dropout", model["dropout"]),
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,

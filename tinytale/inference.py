@@ -29,7 +29,7 @@ def build_model(config: Config, vocab_size: int) -> GPT:
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """Rebuild model and tokenizer from a checkpoint file (no pickled code is executed)."""
     state = load_checkpoint(checkpoint)
-    config = Config.from_dict(state["config"], f"checkpoint '{checkpoint}'")
+    config = Config.from_checkpoint(state["config"], f"checkpoint '{checkpoint}'")
     tokenizer = tokenizer_from_dict(state["tokenizer"])
     model = build_model(config, tokenizer.vocab_size)
     model.load_state_dict(state["model"])

@@ -236,7 +236,7 @@ def starting_point(config: Config, out_dir: Path, resume: str | None) -> Startin
     # The run continues with the config and tokenizer it started with; say which of the
     # given values (config file, --set) that leaves unused, rather than drop them silently.
     given = config.flat()
-    kept_config = Config.from_dict(state["config"], f"checkpoint '{resume_path}'")
+    kept_config = Config.from_checkpoint(state["config"], f"checkpoint '{resume_path}'")
     kept = kept_config.flat()
     ignored = {k: f"{kept.get(k)!r} (not {v!r})" for k, v in given.items() if kept.get(k) != v}
     return StartingPoint(kept_config, resume_path.parent, state,

@@ -459,6 +459,10 @@ def test_shipped_experiments_tell_the_overfitting_story(tmp_path):
     assert same_run(runs[False, False][0], load_config(shipped / "overfit.yaml"))
     assert same_run(runs[True, True][0], load_config(shipped / "regularized.yaml"))
 
+    for config, summary, tracker in runs.values():  # the margins, with pytest -s
+        print(f"dropout {config.model.dropout} weight decay {config.train.weight_decay}: best "
+              f"epoch {summary.best_epoch}, best val {summary.best_val_loss:.4f}, final val "
+              f"{tracker.histories['val_loss'][-1][1]:.4f}")
     over, tracker = runs[False, False][1:]
     val, train = tracker.histories["val_loss"], tracker.histories["train_loss"]
     assert over.overfit_onset == over.best_epoch and 10 <= over.best_epoch <= 60

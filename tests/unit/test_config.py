@@ -45,6 +45,8 @@ def test_flat_and_hash():
         (["train.epochs=2.5"], r"train.epochs=2.5 is not an integer"),
         (["train.epochs=0"], r"train.epochs=0 must be positive"),
         (["model.dropout=1.5"], r"model.dropout=1.5 is out of range"),
+        (["model.attn_dropout=1"], r"model.attn_dropout=1.0 is out of range"),
+        (["model.attn_dropout=-0.1"], r"model.attn_dropout=-0.1 is out of range"),
         (["model.n_head=5"], r"model.n_embd=64 is not divisible by model.n_head=5"),
         (["data.tokenizer=words"], r"data.tokenizer='words' is not one of"),
         (["train.device=tpu"], r"train.device='tpu' is not one of"),
@@ -121,3 +123,26 @@ def test_a_yaml_syntax_error_names_the_place_and_the_problem():
     assert describe_yaml_error("sweep file 's.yaml'", caught.value) == (
         "sweep file 's.yaml' is not valid YAML at line 2, column 1 (expected the node content, "
         "but found '<stream end>'); fix the syntax there.")
+
+
+def test_a_checkpoint_from_before_attn_dropout_resumes_with_attention_dropout(tmp_path):
+    # Such checkpoints applied model.dropout to the attention weights as well; a resumed run
+    # must go on doing so, while a user's config without the key gets the default 0.
+    from tinytale.checkpoint import save_checkpoint
+    from tinytale.run import starting_point
+    from tinytale.tokenizer import train_tokenizer
+
+    user = load_config(None, ["model.dropout=0.2"])
+    assert user.model.attn_dropout == 0.0
+    old = user.to_dict()
+    del old["model"]["attn_dropout"]
+    tokenizer = train_tokenizer("word", ["once upon a time"])
+    last = save_checkpoint({"model": {}, "optimizer": {}, "config": old,
+                            "tokenizer": tokenizer.to_dict()}, tmp_path / "last.pt")
+    start = starting_point(user, tmp_path, str(last))
+    assert (start.config.model.dropout, start.config.model.attn_dropout) == (0.2, 0.2)
+    assert start.ignored == {"model.attn_dropout": "0.2 (not 0.0)"}
+    # A checkpoint that has the key keeps its value.
+    new = save_checkpoint({"model": {}, "optimizer": {}, "config": user.to_dict(),
+                           "tokenizer": tokenizer.to_dict()}, tmp_path / "new" / "last.pt")
+    assert starting_point(user, tmp_path, str(new)).config.model.attn_dropout == 0.0

@@ -141,3 +141,15 @@ def test_missing_safetensors_is_one_sentence_before_any_work(monkeypatch):
     with pytest.raises(ExportError, match=r"needs the safetensors package; run pip install "
                                           r"'tinytale\[hf\]'\.$"):
         require_writer()
+
+
+def test_attention_dropout_is_exported_as_attn_pdrop_old_checkpoints_included():
+    from tinytale.config import ModelConfig
+    from tinytale.export_hf import gpt2_config
+
+    model = vars(ModelConfig(dropout=0.2, attn_dropout=0.05))
+    config = gpt2_config(model, 24, 0)
+    assert (config["resid_pdrop"], config["embd_pdrop"], config["attn_pdrop"]) == (0.2, 0.2, 0.05)
+    # A checkpoint from before model.attn_dropout dropped attention weights at model.dropout.
+    del model["attn_dropout"]
+    assert gpt2_config(model, 24, 0)["attn_pdrop"] == 0.2

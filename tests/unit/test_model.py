@@ -86,6 +86,28 @@ def test_every_model_key_of_an_experiment_is_a_gpt_config_field():
 
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     assert fields - {"vocab_size"} == {f.name for f in dataclasses.fields(ModelConfig)}
-    model = build_model(Config(model=ModelConfig(n_layer=1, n_embd=32, dropout=0.1)), 24)
-    assert (model.cfg.n_layer, model.cfg.n_embd, model.cfg.dropout, model.cfg.vocab_size) == (
-        1, 32, 0.1, 24)
+    model = build_model(Config(model=ModelConfig(n_layer=1, n_embd=32, dropout=0.1,
+                                                 attn_dropout=0.05)), 24)
+    assert (model.cfg.n_layer, model.cfg.n_embd, model.cfg.dropout, model.cfg.attn_dropout,
+            model.cfg.vocab_size) == (1, 32, 0.1, 0.05, 24)
+    assert model.blocks[0].attn.attn_dropout == 0.05
+
+
+def test_attention_dropout_has_its_own_key_and_is_off_by_default():
+    # The attention output, read where it enters the projection, shows whether the attention
+    # weights were dropped; the block's output still carries the residual dropout.
+    def attention_outputs(attn_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        block = small_gpt(dropout=0.5, attn_dropout=attn_dropout).blocks[0].attn.train()
+        seen = []
+        block.proj.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+        x = torch.randn(2, 8, 16)
+        with torch.no_grad():
+            outs = block(x), block(x)
+        return seen, outs
+
+    seen, outs = attention_outputs(0.0)
+    assert small_gpt(dropout=0.5).cfg.attn_dropout == 0.0
+    assert torch.equal(seen[0], seen[1])  # attention weights intact: SDPA got dropout_p 0
+    assert not torch.equal(outs[0], outs[1])  # the residual dropout still acts
+    seen, _ = attention_outputs(0.5)
+    assert not torch.equal(seen[0], seen[1])

@@ -139,7 +139,7 @@ def resumable_point(point_dir: Path, config_hash: str | None
         return None, None, None
     state = peek_checkpoint(path)
     try:
-        same = Config.from_dict(state.get("config")).hash() == config_hash
+        same = Config.from_checkpoint(state.get("config")).hash() == config_hash
     except ConfigError:
         same = False
     if not same:
