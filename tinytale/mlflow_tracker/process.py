@@ -204,11 +204,13 @@ def _env_finding_tinytale() -> dict[str, str]:
 
 def serve(from_training: Connection, to_training: Connection) -> None:
     """The helper's loop: run each call on an MlflowTracker, in order, until the channel ends."""
+    from tinytale.mlflow_tracker.pyfunc import warm_model_saving
     from tinytale.mlflow_tracker.tracker import MlflowTracker  # mlflow: the slow import
 
     _, config, uri = from_training.recv()
     tracker = MlflowTracker(config, uri)
     warm_up(uri)  # the training process does not wait: its calls queue in the channel
+    warm_model_saving()
     failed = False  # start refused the run: nothing more goes to MLflow
     reported_id = None
     while True:
