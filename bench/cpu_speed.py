@@ -51,12 +51,18 @@ SETTINGS = {
 
 def baseline_tokens_per_sec(cfg, tokens: torch.Tensor, vocab_size: int, steps: int) -> float:
     """The eager loop: random windows, no DataLoader, one .item() per step."""
+    return eager_tokens_per_sec(cfg, tokens, vocab_size, steps)[0]
+
+
+def eager_tokens_per_sec(cfg, tokens: torch.Tensor, vocab_size: int, steps: int
+                         ) -> tuple[float, float]:
+    """The eager loop's (tokens per wall second, tokens per CPU second of this process)."""
     torch.manual_seed(0)
     model = build_model(cfg, vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     B, T = cfg.train.batch_size, cfg.model.block_size
     model.train()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         ix = torch.randint(len(tokens) - T - 1, (B,))
         x = torch.stack([tokens[i : i + T] for i in ix])
@@ -66,7 +72,8 @@ def baseline_tokens_per_sec(cfg, tokens: torch.Tensor, vocab_size: int, steps: i
         loss.backward()
         optimizer.step()
         loss.item()
-    return steps * B * T / (time.perf_counter() - start)
+    n = steps * B * T
+    return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
 def tinytale_tokens_per_sec(cfg, data, tracking_uri: str | None = None) -> tuple[float, float]:

@@ -35,10 +35,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from cpu_speed import eager_tokens_per_sec  # noqa: E402
 from precision import cpu_model  # noqa: E402
 
 from tinytale.config import load_config  # noqa: E402
-from tinytale.run import build_model, prepare_data  # noqa: E402
+from tinytale.run import prepare_data  # noqa: E402
 
 CHAR = ["data.corpus=fairy", "data.tokenizer=char", "train.batch_size=12", "train.lr=1e-3",
         "train.device=cpu", "tracking.samples=0"]
@@ -57,28 +58,6 @@ VARIANTS = {
 DEFAULT_THREADS = torch.get_num_threads()  # before any set_num_threads below
 
 
-def tokens_per_sec(cfg, tokens: torch.Tensor, vocab_size: int, steps: int
-                   ) -> tuple[float, float]:
-    """bench/cpu_speed.py's eager step: (tokens per wall second, tokens per CPU second)."""
-    torch.manual_seed(0)
-    model = build_model(cfg, vocab_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    B, T = cfg.train.batch_size, cfg.model.block_size
-    model.train()
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        ix = torch.randint(len(tokens) - T - 1, (B,))
-        x = torch.stack([tokens[i : i + T] for i in ix])
-        y = torch.stack([tokens[i + 1 : i + T + 1] for i in ix])
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()
-    n = steps * B * T
-    return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
-
-
 def cost(name: str, repeats: int, threads: int) -> dict:
     overrides, steps = MODELS[name]
     torch.set_num_threads(threads or DEFAULT_THREADS)
@@ -90,7 +69,7 @@ def cost(name: str, repeats: int, threads: int) -> dict:
     tpc: dict[str, list[float]] = {v: [] for v in names}
     for i in range(repeats + 1):  # round 0: warm-up, not counted
         for v in names[i % len(names):] + names[:i % len(names)]:
-            wall, cpu = tokens_per_sec(configs[v], tokens, vocab, steps)
+            wall, cpu = eager_tokens_per_sec(configs[v], tokens, vocab, steps)
             if i > 0:
                 tps[v].append(wall)
                 tpc[v].append(cpu)
