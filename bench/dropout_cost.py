@@ -84,7 +84,6 @@ def cost(name: str, repeats: int, threads: int) -> dict:
     return out
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)

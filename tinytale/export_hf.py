@@ -91,8 +91,7 @@ def gpt2_config(model: dict[str, Any], vocab_size: int, eos_id: int) -> dict[str
         "layer_norm_epsilon": 1e-5,
         "resid_pdrop": model["dropout"],
         "embd_pdrop": model["dropout"],
-        # Checkpoints from before model.attn_dropout applied dropout to attention too.
-        "attn_pdrop": model.get("attn_dropout", model["dropout"]),
+        "attn_pdrop": model["attn_dropout"],
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
@@ -159,6 +158,7 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Exported:
     from safetensors.torch import save_file
 
     from tinytale.checkpoint import load_checkpoint
+    from tinytale.config import Config
     from tinytale.tokenizer import tokenizer_from_dict
 
     out_dir = Path(out_dir)
@@ -166,7 +166,9 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Exported:
         raise ExportError(f"OUT_DIR '{out_dir}' already exists and is not an empty folder; "
                           "give a new folder, or remove that one first.")
     state = load_checkpoint(checkpoint)
-    model, tokenizer = state["config"]["model"], tokenizer_from_dict(state["tokenizer"])
+    # As trained: a checkpoint from before model.attn_dropout reads it as model.dropout.
+    model = vars(Config.from_checkpoint(state["config"], f"checkpoint '{checkpoint}'").model)
+    tokenizer = tokenizer_from_dict(state["tokenizer"])
     weights = gpt2_state_dict(state["model"], model["n_layer"])
     texts: dict[str, Any] = {
         "config.json": gpt2_config(model, tokenizer.vocab_size, tokenizer.eos_id),

@@ -144,7 +144,7 @@ def test_missing_safetensors_is_one_sentence_before_any_work(monkeypatch):
 
 
 def test_attention_dropout_is_exported_as_attn_pdrop_old_checkpoints_included():
-    from tinytale.config import ModelConfig
+    from tinytale.config import Config, ModelConfig
     from tinytale.export_hf import gpt2_config
 
     model = vars(ModelConfig(dropout=0.2, attn_dropout=0.05))
@@ -152,4 +152,5 @@ def test_attention_dropout_is_exported_as_attn_pdrop_old_checkpoints_included():
     assert (config["resid_pdrop"], config["embd_pdrop"], config["attn_pdrop"]) == (0.2, 0.2, 0.05)
     # A checkpoint from before model.attn_dropout dropped attention weights at model.dropout.
     del model["attn_dropout"]
-    assert gpt2_config(model, 24, 0)["attn_pdrop"] == 0.2
+    as_trained = vars(Config.from_checkpoint({"model": model}).model)
+    assert gpt2_config(as_trained, 24, 0)["attn_pdrop"] == 0.2

@@ -19,7 +19,6 @@ import enum
 import logging
 import os
 import urllib.parse
-from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.environment_variables import (
@@ -32,7 +31,13 @@ from mlflow.environment_variables import (
 from mlflow.exceptions import MlflowException
 
 from tinytale.errors import UserError
-from tinytale.mlflow_tracker.uris import EMBEDDED_ARTIFACTS, is_embedded, is_http, server_healthy
+from tinytale.mlflow_tracker.uris import (
+    EMBEDDED_ARTIFACTS,
+    embedded_db_path,
+    is_embedded,
+    is_http,
+    server_healthy,
+)
 
 # MLflow reads these settings from the environment at every call; a value the user set wins.
 MLFLOW_DEFAULTS = (
@@ -231,7 +236,7 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
         return exp.experiment_id
     location = None
     if is_embedded(uri):
-        db = Path(uri[len("sqlite:///"):])
+        db = embedded_db_path(uri)
         location = (db.parent / EMBEDDED_ARTIFACTS).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)

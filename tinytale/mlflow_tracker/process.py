@@ -30,7 +30,7 @@ from typing import Any
 
 import tinytale
 from tinytale.errors import UserError
-from tinytale.mlflow_tracker.uris import is_embedded, resolve_tracking_uri
+from tinytale.mlflow_tracker.uris import embedded_db_path, is_embedded, resolve_tracking_uri
 from tinytale.tracking import Closed, Registration, RunInfo, RunSummary, Tracker
 
 # Calls whose result the caller uses: sent, then waited for. Every other Tracker method is
@@ -250,7 +250,7 @@ def warm_up(uri: str) -> None:
     from tinytale.mlflow_tracker.connection import make_client
     from tinytale.mlflow_tracker.store_seed import keep_seed, seed_store
 
-    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    db = embedded_db_path(uri)
     created = not db.exists() and not seed_store(db)
     # Any failure here is the run's own start's to report, in its words.
     with contextlib.suppress(Exception):

@@ -67,9 +67,9 @@ def check_tracking_uri(uri: str, write: bool = False) -> None:
     if scheme == "sqlite" and not uri.startswith("sqlite:///"):
         raise UserError(f"tracking URI '{uri}' is not a valid SQLite URI; {hint}.")
     if scheme == "sqlite":
-        db = uri[len("sqlite:///"):].split("?", 1)[0]
-        if db and db != ":memory:":
-            _check_local_path(uri, Path(db), want_dir=False, write=write)
+        db = embedded_db_path(uri)
+        if str(db) not in ("", ".", ":memory:"):
+            _check_local_path(uri, db, want_dir=False, write=write)
     elif scheme == "file" and parsed.netloc in ("", "localhost"):
         _check_file_store(uri, Path(urllib.request.url2pathname(parsed.path)), write)
 
@@ -126,6 +126,11 @@ def is_http(uri: str) -> bool:
 
 def is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:///")
+
+
+def embedded_db_path(uri: str) -> Path:
+    """The database file of a sqlite:/// URI (any ?query left off)."""
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
 def server_healthy(uri: str, timeout: float = 2.0) -> bool:
@@ -208,7 +213,7 @@ def require_store(uri: str, looking_for: str) -> None:
     """
     if not is_embedded(uri):
         return
-    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    db = embedded_db_path(uri)
     if not db.exists():
         fix = compose_server_hint(uri) or ("run it from the folder you trained in, or pass "
                                            "--tracking-uri")
