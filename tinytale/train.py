@@ -34,6 +34,7 @@ from tinytale.loop.state import Ending, TrainingFailed, TrainState
 from tinytale.loop.step import StepStats, TrainStep
 from tinytale.metrics import perplexity
 from tinytale.model import GPT, param_groups
+from tinytale.optim import make_adamw
 from tinytale.tracking import Tracker
 
 # Re-exported: callers (run.py, the CLI's signal handlers, tests) import them from here.
@@ -100,14 +101,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compiles(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the training forward pass runs under torch.compile (CUDA by default)."""
+    return cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+
+
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay)
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    try:
-        # One fused kernel for the whole update where the device supports it.
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **kwargs)
+    return make_adamw(param_groups(model, cfg.weight_decay), compiles(cfg, device),
+                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 @torch.no_grad()
@@ -205,8 +206,7 @@ def restore(resume: dict[str, Any], model: GPT, optimizer: torch.optim.Optimizer
 def wrap_for_steps(model: GPT, cfg: TrainConfig, device: torch.device, d: Dist
                    ) -> torch.nn.Module:
     """What runs the training forward pass: `model`, compiled (on CUDA by default), in DDP."""
-    use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
-    step_model = torch.compile(model, mode=cfg.compile_mode) if use_compile else model
+    step_model = torch.compile(model, mode=cfg.compile_mode) if compiles(cfg, device) else model
     if d.enabled:
         step_model = DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
