@@ -129,7 +129,9 @@ def run_tags(config: Config, device: torch.device, extra: dict[str, str] | None 
              ) -> dict[str, str]:
     tags = {
         "tinytale.version": tinytale.__version__,
-        "torch.version": torch.__version__,
+        # A plain str: torch's TorchVersion would make the MLflow helper, unpickling the tags,
+        # import torch (about 1 s of its CPU) before it could open the run.
+        "torch.version": str(torch.__version__),
         "config_hash": config.hash(),
         "corpus": config.data.corpus,
         "tokenizer": config.data.tokenizer,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -104,3 +105,40 @@ def test_ctrl_c_at_the_terminal_still_ends_the_run_through_the_helper(tmp_path):
 
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["run_id"])
     assert run.info.status == "KILLED"
+
+
+UNPICKLE = """
+import pickle, sys
+for message in pickle.load(sys.stdin.buffer):
+    pickle.loads(message)
+print("torch" in sys.modules)
+"""
+
+
+def test_what_the_training_sends_the_helper_reads_without_torch(tmp_path):
+    """Every message to the MLflow helper unpickles without importing torch. One torch object
+    in one (the torch.version tag was a TorchVersion) made the helper import torch, about 1 s
+    of its CPU, before it could open the run."""
+    from tinytale.config import load_config
+    from tinytale.mlflow_tracker.process import TrackerProcess
+    from tinytale.run import train_run
+
+    sent = []
+
+    class Recording(TrackerProcess):
+        def _post(self, message):
+            if message is not None:
+                sent.append(pickle.dumps(message))
+            super()._post(message)
+
+    config = load_config(None, TINY)
+    outcome = train_run(config, tmp_path / "runs",
+                        Recording(config, f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert outcome.summary.registration.version == "1"
+    names = {pickle.loads(m)[1] for m in sent if pickle.loads(m)[0] != "init"}
+    assert {"start", "log_metrics", "publish_model", "finish"} <= names
+    proc = subprocess.run([sys.executable, "-c", UNPICKLE], input=pickle.dumps(sent),
+                          capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == "False"
