@@ -210,7 +210,7 @@ def serve(from_training: Connection, to_training: Connection) -> None:
     _, config, uri = from_training.recv()
     tracker = MlflowTracker(config, uri)
     warm_up(uri)  # the training process does not wait: its calls queue in the channel
-    warm_model_saving()
+    warm = True  # model saving still to warm up: once the run is open, while it trains
     failed = False  # start refused the run: nothing more goes to MLflow
     reported_id = None
     while True:
@@ -241,6 +241,9 @@ def serve(from_training: Connection, to_training: Connection) -> None:
             to_training.send(("run_id", reported_id))
         if kind == "ask" and name == "finish":
             return
+        if warm and name == "start" and not failed:
+            warm = False
+            warm_model_saving()
 
 
 def warm_up(uri: str) -> None:

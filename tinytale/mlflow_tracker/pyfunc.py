@@ -60,11 +60,16 @@ MODEL_REQUIREMENTS = [
 
 
 def warm_model_saving() -> None:
-    """Compute now what saving a model computes on its first use: MLflow's map of every
-    installed package (~0.3 s here), read to check the model's requirements. The helper
-    process calls this while the training runs, so that it is not part of the wait for the
-    registration at the end. A private MLflow function: should it move, saving computes the
-    map itself, as before."""
+    """Do now what saving the model would do first at the end of the run, where the training
+    process waits for it: import torch (to copy the checkpoint; ~1 s), mlflow.pyfunc, and
+    compute MLflow's map of every installed package (~0.3 s, read to check the model's
+    requirements). The helper process calls this while the training runs. The map is a
+    private MLflow function: should it move, saving computes the map itself, as before."""
+    import mlflow.pyfunc  # noqa: F401
+
+    import tinytale.checkpoint  # noqa: F401 - torch
+    import tinytale.tokenizer  # noqa: F401
+
     with contextlib.suppress(Exception):
         from mlflow.utils.requirements_utils import _init_packages_to_modules_map
 
