@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -43,14 +45,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool = False) -> Path:
-    """Write `state` to `path` atomically; with keep_previous the old file becomes `*.prev.pt`."""
+def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool = False,
+                    copies: Sequence[str | Path] = ()) -> Path:
+    """Write `state` to `path` atomically; with keep_previous the old file becomes `*.prev.pt`.
+    Each of `copies` gets the same bytes, copied from `path` rather than serialised again
+    (best.pt on an epoch that improved: serialising is most of a small model's checkpoint)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_atomically(path, lambda f: torch.save({"format": FORMAT_VERSION, **state}, f),
+                        keep_previous)
+    for copy in map(Path, copies):
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb") as src:
+            _replace_atomically(copy, lambda f, src=src: shutil.copyfileobj(src, f, 1 << 20))
+    return path
+
+
+def _replace_atomically(path: Path, write: Callable[[BinaryIO], object],
+                        keep_previous: bool = False) -> None:
+    """`write` fills a temporary file beside `path`, which is fsynced and renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():
@@ -60,7 +77,6 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
-    return path
 
 
 def _snapshot(value: Any) -> Any:
@@ -94,15 +110,15 @@ class CheckpointWriter:
                       if background else None)
         self._pending: deque[Future[Path]] = deque()
 
-    def submit(self, state: dict[str, Any], path: str | Path, keep_previous: bool = False
-               ) -> Path:
+    def submit(self, state: dict[str, Any], path: str | Path, keep_previous: bool = False,
+               copies: Sequence[str | Path] = ()) -> Path:
         # Collect finished writes (raising a failure), and wait while too many are pending.
         while self._pending and (self._pending[0].done() or len(self._pending) >= self.depth):
             self._pending.popleft().result()
         if self._pool is None:
-            return save_checkpoint(state, path, keep_previous)
+            return save_checkpoint(state, path, keep_previous, copies)
         self._pending.append(self._pool.submit(save_checkpoint, _snapshot(state), Path(path),
-                                               keep_previous))
+                                               keep_previous, tuple(copies)))
         return Path(path)
 
     def wait(self) -> None:

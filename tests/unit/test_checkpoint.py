@@ -64,6 +64,24 @@ def test_foreground_writer_has_written_when_submit_returns(tmp_path):
     writer.close()
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+def test_a_copy_gets_the_same_bytes_and_each_file_is_replaced_whole(tmp_path, background):
+    """best.pt on an improving epoch: last.pt's bytes, written without serialising twice;
+    an older best.pt is replaced, and a later last.pt leaves the copy alone."""
+    (tmp_path / "best.pt").write_bytes(b"an older best")
+    writer = CheckpointWriter(background=background)
+    writer.submit({"model": {"w": torch.arange(5.0)}, "epoch": 3}, tmp_path / "last.pt",
+                  keep_previous=True, copies=[tmp_path / "best.pt"])
+    writer.submit({"model": {"w": torch.zeros(5)}, "epoch": 4}, tmp_path / "last.pt",
+                  keep_previous=True)
+    writer.close()
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 3 and torch.equal(best["model"]["w"], torch.arange(5.0))
+    assert (tmp_path / "best.pt").read_bytes() == (tmp_path / "last.prev.pt").read_bytes()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.prev.pt", "last.pt"]
+
+
 class _NotData:
     """Any class: unpickling it needs code, which weights_only refuses."""
 

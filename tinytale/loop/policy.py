@@ -72,10 +72,9 @@ class CheckpointPolicy:
         early = bool(self.cfg.patience) and state.epochs_since_best >= self.cfg.patience
         finished = early or state.epoch > self.cfg.epochs
         self.ensure_finite_weights(state, epoch)
-        self._write(self.last_path, state, finished)
-        if improved:
-            self._write(self.best_path, state, finished)
-            self.best_written = True
+        # best.pt, when the epoch improved, is the same state: the same bytes, copied.
+        self._write(self.last_path, state, finished, copies=[self.best_path] if improved else [])
+        self.best_written = self.best_written or improved
         if early:
             self.tracker.on_event("early_stop", {"epoch": epoch, "best_epoch": state.best_epoch,
                                                  "patience": self.cfg.patience})
@@ -105,7 +104,8 @@ class CheckpointPolicy:
                                                     "reason": reason})
         raise TrainingFailed(reason)
 
-    def _write(self, path: Path, state: TrainState, finished: bool = False) -> None:
+    def _write(self, path: Path, state: TrainState, finished: bool = False,
+               copies: list[Path] | None = None) -> None:
         if not self.dist.is_main:
             return
         # The whole training state in both files, best.pt too: it can seed a new run or a
@@ -113,7 +113,7 @@ class CheckpointPolicy:
         checkpoint = {**self.fields(), "model": self.model.state_dict(),
                       "train_state": asdict(state), "finished": finished,
                       "optimizer": self.optimizer.state_dict(), "rng": capture_rng()}
-        self.writer.submit(checkpoint, path, keep_previous=path.name == LAST)
+        self.writer.submit(checkpoint, path, keep_previous=path.name == LAST, copies=copies or [])
 
     def _stop_agreed(self, may_agree: bool) -> bool:
         if not self.dist.enabled:
