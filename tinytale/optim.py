@@ -5,7 +5,7 @@ carry guards for torch.compile that import torch._dynamo on their first call. Th
 is 0.8-1.3 s on a 2-core CPU: a fifth of the lesson's whole process, for a training that
 compiles nothing. `EagerAdamW` calls the same methods' undecorated bodies (the decorators
 keep them as `__wrapped__`, the functools convention), so the update, the state and the
-state_dict are torch's own, bit for bit (tests/test_optim.py). Where a torch version hides
+state_dict are torch's own, bit for bit (tests/unit/test_optim.py). Where a torch version hides
 a body, `make_adamw` falls back to plain torch.optim.AdamW: slower to start, same result.
 """
 
