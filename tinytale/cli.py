@@ -160,7 +160,7 @@ def train(
             outcome = train_run(cfg, out, tracker, resume=resume, stop=stop,
                                 parent_run_id=os.environ.get("TINYTALE_PARENT_RUN_ID"),
                                 extra_tags=tags)
-    gc.freeze()  # and what the run imported since (torch._dynamo, with the optimizer)
+    gc.freeze()  # and what the run created since: none of it needs collecting before exit
     summary = outcome.summary
     if rank != 0:
         pass  # under torchrun the summary is rank 0's: other ranks wrote no checkpoint

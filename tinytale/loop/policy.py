@@ -4,7 +4,7 @@ patience, stop requests agreed across DDP ranks), never with non-finite weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,7 @@ class CheckpointPolicy:
         finished = early or state.epoch > self.cfg.epochs
         self.ensure_finite_weights(state, epoch)
         # best.pt, when the epoch improved, is the same state: the same bytes, copied.
-        self._write(self.last_path, state, finished, copies=[self.best_path] if improved else [])
+        self._write(self.last_path, state, finished, copies=[self.best_path] if improved else ())
         self.best_written = self.best_written or improved
         if early:
             self.tracker.on_event("early_stop", {"epoch": epoch, "best_epoch": state.best_epoch,
@@ -105,7 +105,7 @@ class CheckpointPolicy:
         raise TrainingFailed(reason)
 
     def _write(self, path: Path, state: TrainState, finished: bool = False,
-               copies: list[Path] | None = None) -> None:
+               copies: Sequence[Path] = ()) -> None:
         if not self.dist.is_main:
             return
         # The whole training state in both files, best.pt too: it can seed a new run or a
@@ -113,7 +113,7 @@ class CheckpointPolicy:
         checkpoint = {**self.fields(), "model": self.model.state_dict(),
                       "train_state": asdict(state), "finished": finished,
                       "optimizer": self.optimizer.state_dict(), "rng": capture_rng()}
-        self.writer.submit(checkpoint, path, keep_previous=path.name == LAST, copies=copies or [])
+        self.writer.submit(checkpoint, path, keep_previous=path.name == LAST, copies=copies)
 
     def _stop_agreed(self, may_agree: bool) -> bool:
         if not self.dist.enabled:
