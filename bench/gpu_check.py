@@ -46,7 +46,7 @@ from tinytale.data import windows_from_tokens  # noqa: E402
 from tinytale.device import peak_flops  # noqa: E402
 from tinytale.inference import build_model  # noqa: E402
 from tinytale.run import prepare_data  # noqa: E402
-from tinytale.tokenizer import WordTokenizer  # noqa: E402
+from tinytale.tokenizer import EOS, WordTokenizer  # noqa: E402
 from tinytale.tracking import Tracker  # noqa: E402
 from tinytale.train import StopRequest, fit  # noqa: E402
 
@@ -195,22 +195,31 @@ def ddp_worker(out: Path, device_type: str) -> None:
     distributed.teardown(d)
 
 
-def measure_gpt2_small(device: torch.device, tmp: Path, steps: int) -> dict:
+def gpt2_small_data(steps: int, overrides: list[str] = ()) -> tuple[Any, Any]:
+    """experiments/gpt2_small.yaml (2 epochs, then `overrides`) and random tokens over its
+    whole vocabulary: `steps` optimizer steps of windows per epoch, 4 batches of validation."""
+    cfg = load_config(REPO / "experiments/gpt2_small.yaml", ["train.epochs=2", *overrides])
+    vocab, block, batch = cfg.data.bpe_vocab_size, cfg.model.block_size, cfg.train.batch_size
+    tokenizer = WordTokenizer([EOS, *(f"t{i}" for i in range(vocab - 1))])
+    gen = torch.Generator().manual_seed(0)
+    windows = steps * batch * cfg.train.grad_accum_steps
+    train_tokens = torch.randint(vocab, (windows * block + 1,), generator=gen)
+    val_tokens = torch.randint(vocab, (4 * batch * block + 1,), generator=gen)
+    return cfg, windows_from_tokens(tokenizer, train_tokens, val_tokens, 1, 1, block, None,
+                                    batch, cfg.train.grad_accum_steps, 1)
+
+
+def measure_gpt2_small(device: torch.device, tmp: Path, steps: int,
+                       overrides: list[str] = ()) -> dict:
     """experiments/gpt2_small.yaml as shipped (bf16 autocast, compile on CUDA) on random tokens
     of its 8192-token vocabulary: speed does not depend on the text. Epoch 1 includes
-    compiling; the figures are epoch 2's."""
+    compiling; the figures are epoch 2's. `overrides` (--set) measure a variant."""
     if device.type != "cuda":
         return {"skipped": "no CUDA: GPT-2-small is far too slow for a CPU"}
-    cfg = load_config(REPO / "experiments/gpt2_small.yaml", ["train.epochs=2"])
-    vocab, block, batch = cfg.data.bpe_vocab_size, cfg.model.block_size, cfg.train.batch_size
-    tokenizer = WordTokenizer([f"t{i}" for i in range(vocab - 2)])
-    gen = torch.Generator().manual_seed(0)
-    train_tokens = torch.randint(tokenizer.vocab_size, (steps * batch * block + 1,), generator=gen)
-    val_tokens = torch.randint(tokenizer.vocab_size, (4 * batch * block + 1,), generator=gen)
-    data = windows_from_tokens(tokenizer, train_tokens, val_tokens, 1, 1, block, None, batch,
-                               cfg.train.grad_accum_steps, 1)
+    cfg, data = gpt2_small_data(steps, overrides)
+    block, batch = cfg.model.block_size, cfg.train.batch_size
     torch.manual_seed(0)
-    model = build_model(cfg, tokenizer.vocab_size)
+    model = build_model(cfg, data.tokenizer.vocab_size)
     result = fit(model, data, cfg.train, Tracker(), tmp, device)
     first, last = result.state.history[0], result.state.history[-1]
     return {"ok": result.status == "FINISHED", "steps_per_epoch": result.state.step // 2,
@@ -246,6 +255,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-check.json"))
     parser.add_argument("--steps", type=int, default=30, help="GPT-2-small steps an epoch")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for GPT-2-small (train.compile=false: eager)")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--only", nargs="*", default=None, help="some of the checks")
     parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
@@ -258,7 +269,7 @@ def main() -> int:
     cuda_choices_on(device)
     report: dict[str, Any] = {"environment": environment(device), "checks": {}}
     started = time.monotonic()
-    plan = {**CHECKS, "gpt2_small": lambda d, t: measure_gpt2_small(d, t, args.steps)}
+    plan = {**CHECKS, "gpt2_small": lambda d, t: measure_gpt2_small(d, t, args.steps, args.set)}
     for name, check in plan.items():
         if args.only is not None and name not in args.only:
             continue

@@ -36,3 +36,21 @@ def test_the_gpu_check_falls_back_to_the_cpu_and_writes_one_json(tmp_path):
     assert checks["bf16_autocast"]["worst_relative_gap"] <= 0.05
     assert report["all_ok"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-check.json"]  # nothing else
+
+
+def test_the_gpt2_small_check_builds_its_data_without_a_gpu():
+    """The one check the CPU fallback skips: its data (random ids over the whole vocabulary of
+    experiments/gpt2_small.yaml) must build here, else the first GPU finds out (2026-12-06)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    cfg, data = gpu_check.gpt2_small_data(steps=3, overrides=["train.grad_accum_steps=2"])
+    assert data.tokenizer.vocab_size == cfg.data.bpe_vocab_size
+    assert cfg.train.grad_accum_steps == 2  # --set reaches the config
+    assert len(data.train) == 3 * cfg.train.batch_size * 2  # 3 optimizer steps an epoch
+    x, y = data.train[0]
+    assert x.shape == y.shape == (cfg.model.block_size,)
+    assert int(data.train.tokens.max()) < data.tokenizer.vocab_size
+    assert len(data.val) == 4 * cfg.train.batch_size
