@@ -18,7 +18,10 @@ from tinytale.checkpoint import load_checkpoint
 from tinytale.config import Config
 from tinytale.model import GPT, GPTConfig
 from tinytale.sample import generate
-from tinytale.tokenizer import Tokenizer, tokenizer_from_dict
+from tinytale.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
+
+# The request a published model shows as its example (MLflow's input example).
+EXAMPLE_PROMPT = "once upon a time"
 
 
 def build_model(config: Config, vocab_size: int) -> GPT:
@@ -35,6 +38,16 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Tokeni
     model.load_state_dict(state["model"])
     model.to(device).eval()
     return model, tokenizer, state
+
+
+def example_prompt(tokenizer: Tokenizer) -> str:
+    """The lesson's opening where `tokenizer` can encode it (a word model of another corpus
+    may not know these words), else the empty prompt, which starts a new story with any."""
+    try:
+        tokenizer.encode(EXAMPLE_PROMPT)
+    except TokenizerError:
+        return ""
+    return EXAMPLE_PROMPT
 
 
 def complete(

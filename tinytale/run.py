@@ -24,10 +24,12 @@ from tinytale import distributed
 from tinytale.checkpoint import (
     BEST,
     LAST,
+    MODEL,
     CheckpointError,
     find_resumable,
     load_checkpoint,
     peek_checkpoint,
+    save_model_copy,
 )
 from tinytale.config import Config
 from tinytale.corpus import StoryFormat, corpus_files, load_corpus, stream_stories
@@ -35,7 +37,7 @@ from tinytale.data import DataBundle, build_data, windows_from_tokens
 from tinytale.datasets import corpus_datasets
 from tinytale.device import choose_precision, resolve_device
 from tinytale.errors import UserError
-from tinytale.inference import EpochSampler, build_model, sample_texts
+from tinytale.inference import EpochSampler, build_model, example_prompt, sample_texts
 from tinytale.reference import ReferenceLevels, first_epoch_below, reference_levels
 from tinytale.tokencache import build_token_files, cached_tokenizer, content_hash
 from tinytale.tokenizer import (
@@ -302,13 +304,16 @@ def train_run(
             summary.final_train_loss, summary.final_val_loss, data.tokenizer.vocab_size)
         if summary.diverged:
             _report_divergence(tracker, summary)
-        if result.status == "FINISHED" and result.best_checkpoint is not None and dist.is_main:
-            # Generated only for a tracker that keeps them: with --no-tracking nothing would.
-            samples = sample_texts(result.best_checkpoint, config.tracking.samples) \
-                if tracker.keeps_records else []
+        if result.status == "FINISHED" and result.best_checkpoint is not None and dist.is_main \
+                and tracker.keeps_records:  # with --no-tracking nothing would read these
+            # Written here, where torch is loaded: the tracker's helper never imports it.
+            model_file = run_dir / MODEL
+            save_model_copy(result.best_checkpoint, model_file)
+            samples = sample_texts(model_file, config.tracking.samples)
             if samples:
                 tracker.log_text("samples.txt", "\n\n---\n\n".join(samples))
-            summary.registration = tracker.publish_model(result.best_checkpoint, summary)
+            summary.registration = tracker.publish_model(model_file, summary,
+                                                         example_prompt(data.tokenizer))
     finally:
         closed = tracker.finish(status)
         distributed.teardown(dist)

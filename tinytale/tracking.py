@@ -182,8 +182,11 @@ class Tracker:
         """Text generated at the end of `epoch`: one row per sample (`epoch`, `val_loss`,
         `sample`, `text`, `prompt`, `temperature`, `seed`)."""
 
-    def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration | None:
-        """Publish the best checkpoint (e.g. register a model version); None: not published."""
+    def publish_model(self, model_file: Path, summary: RunSummary,
+                      example_prompt: str = "") -> Registration | None:
+        """Publish the run's model (e.g. register a model version); None: not published.
+        `model_file` is the best checkpoint without its training state (checkpoint.MODEL),
+        `example_prompt` a prompt its tokenizer encodes, shown as an example request."""
         return None
 
     def costs(self) -> dict[str, float]:
@@ -246,8 +249,9 @@ class FanoutTracker(Tracker):
         for t in self.trackers:
             t.log_samples(epoch, rows)
 
-    def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration | None:
-        published = [t.publish_model(checkpoint, summary) for t in self.trackers]
+    def publish_model(self, model_file: Path, summary: RunSummary,
+                      example_prompt: str = "") -> Registration | None:
+        published = [t.publish_model(model_file, summary, example_prompt) for t in self.trackers]
         return next((r for r in published if r is not None), None)
 
     def costs(self) -> dict[str, float]:

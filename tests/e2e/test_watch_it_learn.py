@@ -183,7 +183,9 @@ def test_compare_reports_and_draws_the_levels(mlflow_server, tmp_path):
 def test_input_example_is_logged_without_loading_the_model(mlflow_server, tmp_path,
                                                            monkeypatch):
     """Logging the best checkpoint writes the example files but never loads the model (which
-    MLflow does by default to validate an example: a load and a prediction per run)."""
+    MLflow does by default to validate an example: a load and a prediction per run). A record
+    of an earlier tinytale names best.pt, and the example prompt is chosen here; a record of
+    this one names the training process's model.pt and carries its prompt."""
     import mlflow
 
     from tinytale.mlflow_tracker.pyfunc import log_and_register
@@ -208,3 +210,18 @@ def test_input_example_is_logged_without_loading_the_model(mlflow_server, tmp_pa
         tracking_uri=mlflow_server.url))
     serving = json.loads((folder / "serving_input_example.json").read_text())
     assert serving["inputs"] == ["once upon a time"] and serving["params"]["seed"] == 1
+
+    from tinytale.checkpoint import load_checkpoint, save_model_copy
+
+    model_file = tmp_path / "model.pt"
+    save_model_copy(checkpoint, model_file)
+    rec = {**rec, "seq": 2, "checkpoint": str(model_file), "model_file": True,
+           "example_prompt": ""}  # as for a corpus whose words the lesson's opening lacks
+    done = log_and_register(client, mlflow_server.url, run_id, experiment_id, rec)
+    assert loads == []
+    folder = Path(mlflow.artifacts.download_artifacts(
+        f"models:/{done['model_id']}", dst_path=str(tmp_path / "model2"),
+        tracking_uri=mlflow_server.url))
+    serving = json.loads((folder / "serving_input_example.json").read_text())
+    assert serving["inputs"] == [""]
+    assert not {"optimizer", "rng"} & load_checkpoint(folder / "artifacts/model.pt").keys()

@@ -82,6 +82,23 @@ def test_a_copy_gets_the_same_bytes_and_each_file_is_replaced_whole(tmp_path, ba
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.prev.pt", "last.pt"]
 
 
+def test_the_model_file_is_the_checkpoint_without_its_training_state(tmp_path):
+    """model.pt, what a run publishes: every field of best.pt but the AdamW moments and RNG
+    states; the same weights; best.pt untouched."""
+    from tinytale.checkpoint import capture_rng, save_checkpoint, save_model_copy
+
+    full = {"model": {"w": torch.arange(4.0)}, "optimizer": {"state": {0: torch.ones(4)}},
+            "rng": capture_rng(), "config": {"a": 1}, "tokenizer": {"kind": "char"}}
+    save_checkpoint(full, tmp_path / "best.pt")
+    before = (tmp_path / "best.pt").read_bytes()
+    returned = save_model_copy(tmp_path / "best.pt", tmp_path / "model.pt")
+    copy = load_checkpoint(tmp_path / "model.pt")
+    assert set(copy) == set(returned) == {"format", "model", "config", "tokenizer"}
+    assert torch.equal(copy["model"]["w"], torch.arange(4.0))
+    assert (tmp_path / "best.pt").read_bytes() == before
+    assert (tmp_path / "model.pt").stat().st_size < len(before)
+
+
 class _NotData:
     """Any class: unpickling it needs code, which weights_only refuses."""
 

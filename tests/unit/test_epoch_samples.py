@@ -77,3 +77,15 @@ def test_console_shows_one_sample_line():
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sample @ epoch 5: once upon a time")
     assert lines[0].endswith("...") and len(lines[0]) < 130
+
+
+def test_the_example_prompt_is_the_lesson_opening_where_the_tokenizer_knows_it():
+    """A published model's example request: "once upon a time" for the lesson's words and any
+    character set holding its letters, the empty prompt for words it lacks."""
+    from tinytale.inference import EXAMPLE_PROMPT, example_prompt
+    from tinytale.tokenizer import CharTokenizer, WordTokenizer
+
+    assert example_prompt(WordTokenizer.train(["once upon a time there was"])) == EXAMPLE_PROMPT
+    assert example_prompt(CharTokenizer.train(["once upon a time"])) == EXAMPLE_PROMPT
+    assert example_prompt(WordTokenizer.train(["the cat sat on the mat"])) == ""
+    assert example_prompt(CharTokenizer.train(["xyz"])) == ""

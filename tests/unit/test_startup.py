@@ -142,3 +142,38 @@ def test_what_the_training_sends_the_helper_reads_without_torch(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().strip() == "False"
+
+
+# Loaded by every interpreter whose path holds it: notes which process first imports torch.
+WATCH_TORCH = """
+import os, sys
+def _hook(event, args):
+    if event == "import" and args[0] == "torch":
+        who = "helper" if "mlflow_tracker" in (sys.argv[0] if sys.argv else "") else "other"
+        open(os.path.join(os.environ["TORCH_IMPORTS"], f"{who}-{os.getpid()}"), "w").close()
+sys.addaudithook(_hook)
+"""
+
+
+def test_the_helper_logs_and_registers_the_model_without_torch(tmp_path):
+    """The training process writes model.pt (best.pt without its AdamW moments) and picks the
+    example prompt, so the MLflow helper never imports torch: about 1 s of its CPU, which
+    held back everything queued behind it, the registration included."""
+    hook, seen = tmp_path / "hook", tmp_path / "imports"
+    hook.mkdir()
+    seen.mkdir()
+    (hook / "sitecustomize.py").write_text(WATCH_TORCH)
+    env = {**os.environ, "TORCH_IMPORTS": str(seen), "PYTHONPATH": os.pathsep.join(
+        [str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "tinytale", "train",
+                           *sum((["--set", s] for s in TINY), []), "--json", "--out", "runs"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["registered_version"] == "1"
+    assert [p.name.split("-")[0] for p in seen.iterdir()] == ["other"]  # the training only
+    model_file = tmp_path / summary["run_dir"] / "model.pt"
+    from tinytale.checkpoint import load_checkpoint
+
+    assert not {"optimizer", "rng"} & load_checkpoint(model_file).keys()

@@ -150,8 +150,9 @@ class TrackerProcess(Tracker):
         self._post(("call", "start", (info,)))
         return None  # known later: run_id is read live
 
-    def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration | None:
-        return self._ask("publish_model", checkpoint, summary)
+    def publish_model(self, model_file: Path, summary: RunSummary,
+                      example_prompt: str = "") -> Registration | None:
+        return self._ask("publish_model", model_file, summary, example_prompt)
 
     def costs(self) -> dict[str, float]:
         out = dict(self._ask("costs"))

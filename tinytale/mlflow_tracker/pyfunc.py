@@ -61,14 +61,11 @@ MODEL_REQUIREMENTS = [
 
 def warm_model_saving() -> None:
     """Do now what saving the model would do first at the end of the run, where the training
-    process waits for it: import torch (to copy the checkpoint; ~1 s), mlflow.pyfunc, and
-    compute MLflow's map of every installed package (~0.3 s, read to check the model's
-    requirements). The helper process calls this while the training runs. The map is a
-    private MLflow function: should it move, saving computes the map itself, as before."""
+    process waits for it: import mlflow.pyfunc and compute MLflow's map of every installed
+    package (~0.3 s, read to check the model's requirements). The helper process calls this
+    while the training runs; it never imports torch (the training process writes the model
+    file). The map is a private MLflow function: should it move, saving computes it itself."""
     import mlflow.pyfunc  # noqa: F401
-
-    import tinytale.checkpoint  # noqa: F401 - torch
-    import tinytale.tokenizer  # noqa: F401
 
     with contextlib.suppress(Exception):
         from mlflow.utils.requirements_utils import _init_packages_to_modules_map
@@ -86,34 +83,18 @@ def _package_copy(dest: Path) -> Path:
     return target
 
 
-def _inference_copy(checkpoint: Path, dest: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint without what only training needs (AdamW moments, RNG states): about a
-    third of the size to upload, store and serve, and all that loading the model reads.
-    Returns the copy's path and its state."""
-    from tinytale.checkpoint import load_checkpoint, save_checkpoint
+def _model_file_of(checkpoint: Path, tmp: Path) -> tuple[Path, str]:
+    """A model record from an earlier tinytale names best.pt itself: write its model file and
+    choose its example prompt here, as the training process now does (this imports torch)."""
+    from tinytale.checkpoint import MODEL, save_model_copy
+    from tinytale.inference import example_prompt
+    from tinytale.tokenizer import tokenizer_from_dict
 
-    state = load_checkpoint(checkpoint)
-    for key in ("optimizer", "rng"):
-        state.pop(key, None)
-    return save_checkpoint(state, dest), state
+    state = save_model_copy(checkpoint, tmp / MODEL)
+    return tmp / MODEL, example_prompt(tokenizer_from_dict(state["tokenizer"]))
 
 
-EXAMPLE_PROMPT = "once upon a time"
 EXAMPLE_PARAMS = {"max_new_tokens": 50, "temperature": 0.8, "seed": 1}
-
-
-def _input_example(state: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """A request the model answers: the lesson's opening where its tokenizer can encode it
-    (a word model of another corpus may not know these words), else an empty prompt, which
-    starts a new story with any tokenizer. Built from the tokenizer alone: no model load."""
-    from tinytale.tokenizer import TokenizerError, tokenizer_from_dict
-
-    try:
-        tokenizer_from_dict(state["tokenizer"]).encode(EXAMPLE_PROMPT)
-        prompt = EXAMPLE_PROMPT
-    except TokenizerError:  # words (or characters) the corpus never uses
-        prompt = ""
-    return [prompt], dict(EXAMPLE_PARAMS)
 
 
 class _PyfuncSaver:
@@ -168,7 +149,10 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
             params=dict(client.get_run(run_id).data.params))
         with tempfile.TemporaryDirectory(prefix="tinytale-model-") as tmp:
             package = _package_copy(Path(tmp))
-            weights, state = _inference_copy(checkpoint, Path(tmp) / checkpoint.name)
+            if rec.get("model_file"):  # written by the training process: no torch here
+                weights, prompt = checkpoint, rec.get("example_prompt", "")
+            else:
+                weights, prompt = _model_file_of(checkpoint, Path(tmp))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # The example is written as input_example.json and serving_input_example.json
@@ -181,7 +165,7 @@ def log_and_register(client: MlflowClient, uri: str, run_id: str, experiment_id:
                     python_model=str(SERVED_MODEL), artifacts={"checkpoint": str(weights)},
                     code_paths=[str(package)], pip_requirements=list(MODEL_REQUIREMENTS),
                     signature=_signature(), step=int(best_epoch or 0),
-                    model_id=pending.model_id, input_example=_input_example(state),
+                    model_id=pending.model_id, input_example=([prompt], dict(EXAMPLE_PARAMS)),
                     validate_serving_input=False,
                 )
         model_uri, model_id = info.model_uri, info.model_id

@@ -285,7 +285,8 @@ class MlflowTracker(Tracker):
 
     # -- the end -----------------------------------------------------------------------------
 
-    def publish_model(self, checkpoint: Path, summary: RunSummary) -> Registration:
+    def publish_model(self, model_file: Path, summary: RunSummary,
+                      example_prompt: str = "") -> Registration:
         tracking = self.config.tracking
         safe_summary = {k: v for k, v in summary.to_json().items()
                         if isinstance(v, str | int | float | bool | type(None))}
@@ -294,7 +295,8 @@ class MlflowTracker(Tracker):
         if summary.best_val_loss is not None:
             self._best = (float(summary.best_val_loss), int(summary.best_epoch or 0))
         rec = self.spool.append({
-            "op": "model", "checkpoint": str(Path(checkpoint).resolve()),
+            "op": "model", "checkpoint": str(Path(model_file).resolve()), "model_file": True,
+            "example_prompt": example_prompt,
             "summary": safe_summary, "register": bool(tracking.register),
             "registered_model": tracking.registered_model, "local_id": self.local_id,
             "export_hf": bool(tracking.export_hf),
