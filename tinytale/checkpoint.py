@@ -92,15 +92,15 @@ def _replace_atomically(path: Path, write: Callable[[BinaryIO], object],
     _fsync_dir(path.parent)
 
 
-def _snapshot(value: Any) -> Any:
+def snapshot(value: Any) -> Any:
     """A copy of `value` that later training steps cannot change: tensors copied to the CPU."""
     if isinstance(value, torch.Tensor):
         copy = value.detach()
         return copy.clone() if copy.device.type == "cpu" else copy.cpu()
     if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
+        return {k: snapshot(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_snapshot(v) for v in value)
+        return type(value)(snapshot(v) for v in value)
     return value
 
 
@@ -130,7 +130,7 @@ class CheckpointWriter:
             self._pending.popleft().result()
         if self._pool is None:
             return save_checkpoint(state, path, keep_previous, copies)
-        self._pending.append(self._pool.submit(save_checkpoint, _snapshot(state), Path(path),
+        self._pending.append(self._pool.submit(save_checkpoint, snapshot(state), Path(path),
                                                keep_previous, tuple(copies)))
         return Path(path)
 
