@@ -201,27 +201,26 @@ def test_input_example_is_logged_without_loading_the_model(mlflow_server, tmp_pa
     client = MlflowClient(mlflow_server.url)
     experiment_id = client.create_experiment(f"example-{time.monotonic_ns()}")
     run_id = client.create_run(experiment_id).info.run_id
-    rec = {"seq": 1, "local_id": "example", "checkpoint": checkpoint, "register": False,
-           "registered_model": "unused", "summary": {"best_epoch": 3}}
-    done = log_and_register(client, mlflow_server.url, run_id, experiment_id, rec)
-    assert loads == []
-    folder = Path(mlflow.artifacts.download_artifacts(
-        f"models:/{done['model_id']}", dst_path=str(tmp_path / "model"),
-        tracking_uri=mlflow_server.url))
+    from tinytale.checkpoint import load_checkpoint, save_model_copy
+
+    def logged(seq: int, **fields) -> Path:
+        """The model folder that log_and_register made of a model record with `fields`."""
+        rec = {"seq": seq, "local_id": "example", "register": False,
+               "registered_model": "unused", "summary": {"best_epoch": 3}, **fields}
+        done = log_and_register(client, mlflow_server.url, run_id, experiment_id, rec)
+        return Path(mlflow.artifacts.download_artifacts(
+            f"models:/{done['model_id']}", dst_path=str(tmp_path / f"model{seq}"),
+            tracking_uri=mlflow_server.url))
+
+    folder = logged(1, checkpoint=checkpoint)
     serving = json.loads((folder / "serving_input_example.json").read_text())
     assert serving["inputs"] == ["once upon a time"] and serving["params"]["seed"] == 1
 
-    from tinytale.checkpoint import load_checkpoint, save_model_copy
-
     model_file = tmp_path / "model.pt"
     save_model_copy(checkpoint, model_file)
-    rec = {**rec, "seq": 2, "checkpoint": str(model_file), "model_file": True,
-           "example_prompt": ""}  # as for a corpus whose words the lesson's opening lacks
-    done = log_and_register(client, mlflow_server.url, run_id, experiment_id, rec)
-    assert loads == []
-    folder = Path(mlflow.artifacts.download_artifacts(
-        f"models:/{done['model_id']}", dst_path=str(tmp_path / "model2"),
-        tracking_uri=mlflow_server.url))
+    # The prompt as for a corpus whose words the lesson's opening lacks.
+    folder = logged(2, checkpoint=str(model_file), model_file=True, example_prompt="")
     serving = json.loads((folder / "serving_input_example.json").read_text())
     assert serving["inputs"] == [""]
+    assert loads == []
     assert not {"optimizer", "rng"} & load_checkpoint(folder / "artifacts/model.pt").keys()
