@@ -32,12 +32,20 @@ def build_model(config: Config, vocab_size: int) -> GPT:
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """Rebuild model and tokenizer from a checkpoint file (no pickled code is executed)."""
     state = load_checkpoint(checkpoint)
-    config = Config.from_checkpoint(state["config"], f"checkpoint '{checkpoint}'")
+    model, tokenizer = model_from_state(state, f"checkpoint '{checkpoint}'", device)
+    return model, tokenizer, state
+
+
+def model_from_state(state: dict[str, Any], source: str,
+                     device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """Model (in eval mode) and tokenizer from a checkpoint's loaded state; `source` names it
+    in errors."""
+    config = Config.from_checkpoint(state["config"], source)
     tokenizer = tokenizer_from_dict(state["tokenizer"])
     model = build_model(config, tokenizer.vocab_size)
     model.load_state_dict(state["model"])
     model.to(device).eval()
-    return model, tokenizer, state
+    return model, tokenizer
 
 
 def example_prompt(tokenizer: Tokenizer) -> str:
@@ -82,10 +90,11 @@ def complete(
     return texts
 
 
-def sample_texts(checkpoint: Path, n: int, seed: int = 0) -> list[str]:
+def sample_texts(state: dict[str, Any], source: str, n: int, seed: int = 0) -> list[str]:
+    """`n` stories of up to 300 tokens from the model of a checkpoint's loaded state."""
     if n <= 0:
         return []
-    model, tokenizer, _ = load_model(checkpoint)
+    model, tokenizer = model_from_state(state, source)
     return complete(model, tokenizer, num_samples=n, seed=seed, max_new_tokens=300)
 
 

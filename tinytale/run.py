@@ -308,8 +308,8 @@ def train_run(
                 and tracker.keeps_records:  # with --no-tracking nothing would read these
             # Written here, where torch is loaded: the tracker's helper never imports it.
             model_file = run_dir / MODEL
-            save_model_copy(result.best_checkpoint, model_file)
-            samples = sample_texts(model_file, config.tracking.samples)
+            best = save_model_copy(result.best_checkpoint, model_file)  # read once, for both
+            samples = sample_texts(best, f"checkpoint '{model_file}'", config.tracking.samples)
             if samples:
                 tracker.log_text("samples.txt", "\n\n---\n\n".join(samples))
             summary.registration = tracker.publish_model(model_file, summary,

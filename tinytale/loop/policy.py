@@ -86,7 +86,9 @@ class CheckpointPolicy:
         self.ensure_finite_weights(state, epoch)
         stopping = self._stop_agreed(True)
         if finished or stopping or self.clock() >= self.next_write_at:
-            self.write_unwritten_best(unless=improved)
+            if improved:
+                self.unwritten_best = None  # this epoch's best.pt supersedes it
+            self.write_unwritten_best()
             # best.pt, when the epoch improved, is the same state: the same bytes, copied.
             self._write(self.last_path, state, finished,
                         copies=[self.best_path] if improved else ())
@@ -99,11 +101,10 @@ class CheckpointPolicy:
             return Ending("FINISHED", early_stopped=True)
         return self._stopped() if stopping else None
 
-    def write_unwritten_best(self, unless: bool = False) -> None:
-        """best.pt from the better epoch kept in memory, if any (`unless` a newer best is
-        about to be written)."""
+    def write_unwritten_best(self) -> None:
+        """best.pt from the better epoch kept in memory, if any."""
         best, self.unwritten_best = self.unwritten_best, None
-        if best is not None and not unless:
+        if best is not None:
             self._timed(lambda: self.writer.submit(best, self.best_path))
             self.best_written = True
 
